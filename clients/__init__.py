@@ -1,0 +1,1 @@
+"""Clients of reefcap: the Python HTTP client and offline batch captioning."""

@@ -1,0 +1,43 @@
+"""Model side of reefcap: checkpoint resolution, the CaptionEngine interface and its backends.
+
+This package imports nothing from ``reefcap.training``, ``reefcap.server`` or ``reefcap.clients``; the
+other packages build on it. Heavy imports (torch, transformers) happen only when an engine is loaded.
+"""
+
+from .backends import BACKENDS, load_engine
+from .engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
+from .errors import (
+    ImageError,
+    ImageTooLargeError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NotAnImageError,
+    ReefcapError,
+    TruncatedImageError,
+    UnsupportedImageFormatError,
+)
+from .images import ImageLimits, load_image
+from .registry import ResolvedModel, resolve_model, zoo_models
+
+__all__ = [
+    "BACKENDS",
+    "Caption",
+    "CaptionEngine",
+    "DecodeOptions",
+    "EngineConfig",
+    "EngineInfo",
+    "ImageError",
+    "ImageLimits",
+    "ImageTooLargeError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "NotAnImageError",
+    "ReefcapError",
+    "ResolvedModel",
+    "TruncatedImageError",
+    "UnsupportedImageFormatError",
+    "load_engine",
+    "load_image",
+    "resolve_model",
+    "zoo_models",
+]

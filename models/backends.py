@@ -1,0 +1,35 @@
+"""Short factory from a backend name to a loaded CaptionEngine.
+
+Backends are imported lazily (by dotted path) so that choosing one never imports the others' heavy
+dependencies, and so that a missing optional dependency names the backend that needed it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .engine import CaptionEngine, EngineConfig
+from .errors import ReefcapError
+
+BACKENDS: dict[str, str] = {
+    "torch": "reefcap.models.torch_engine:TorchCaptionEngine",
+}
+
+
+def engine_class(backend: str) -> type[CaptionEngine]:
+    """The CaptionEngine subclass registered under ``backend``."""
+    try:
+        target = BACKENDS[backend]
+    except KeyError:
+        raise ReefcapError(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})") from None
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ReefcapError(f"backend {backend!r} needs a dependency that is not installed: {exc.name}") from None
+    return getattr(module, attr)
+
+
+def load_engine(model: str, backend: str = "torch", config: EngineConfig | None = None) -> CaptionEngine:
+    """Load ``model`` (zoo name, local directory or hub id) with the given backend."""
+    return engine_class(backend).load(model, config or EngineConfig())

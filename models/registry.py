@@ -1,0 +1,93 @@
+"""Model registry and resolver: a bundled name, a local directory or a hub id becomes a checkpoint folder.
+
+Resolution order: a bundled zoo name, then an existing local directory, then a Hugging Face hub id (the
+local HF cache first, then the network). Only safetensors weights are ever fetched or loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelLoadError, ModelNotFoundError
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+# Files a captioning checkpoint needs; pickled *.bin weights are deliberately left out.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A checkpoint folder on disk and the name to report for it."""
+
+    name: str
+    path: Path
+    origin: str  # "zoo" | "local" | "hub"
+
+
+def zoo_models() -> dict[str, Path]:
+    """Bundled checkpoints by name (each a folder under ``models/zoo`` with a ``config.json``)."""
+    if not ZOO_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(ZOO_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def _check_checkpoint(path: Path, label: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{label}: no config.json in {path}; expected a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise ModelLoadError(
+                f"{label}: only pickled weights (*.bin/*.pt) found; reefcap loads safetensors only. "
+                "Convert with `model.save_pretrained(dir)` from a trusted environment."
+            )
+        raise ModelLoadError(f"{label}: no *.safetensors weights in {path}")
+    return path
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(os.sep)
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> ResolvedModel:
+    """Find the checkpoint folder for a zoo name, a local directory or a hub id.
+
+    Raises:
+        ModelNotFoundError: nothing matched, or the hub could not be reached (the message says to pass a
+            local directory instead).
+        ModelLoadError: the folder exists but has no safetensors weights.
+    """
+    text = os.fspath(name_or_path)
+    zoo = zoo_models()
+    if text in zoo:
+        return ResolvedModel(text, _check_checkpoint(zoo[text], text), "zoo")
+
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ResolvedModel(path.resolve().name, _check_checkpoint(path.resolve(), text), "local")
+    if path.exists():
+        raise ModelNotFoundError(f"{text}: is a file; pass the checkpoint directory that holds config.json")
+    if _looks_like_path(text) or not _HUB_ID.match(text):
+        known = ", ".join(zoo) or "none bundled"
+        raise ModelNotFoundError(f"{text}: no such model directory (bundled models: {known})")
+    return ResolvedModel(text, _check_checkpoint(_download(text), text), "hub")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception:  # not cached: fall through to the network
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:
+        reason = type(exc).__name__
+        raise ModelNotFoundError(
+            f"{repo_id}: could not download from the Hugging Face hub ({reason}). If this machine has no network, "
+            "download the model elsewhere (or `reefcap model init`) and pass its local directory instead."
+        ) from None

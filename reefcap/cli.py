@@ -1,0 +1,57 @@
+"""The `reefcap` command. Each package contributes its subcommands through a ``register(subparsers)`` hook.
+
+Handlers import their heavy dependencies lazily, so ``reefcap --help`` stays fast. Errors that are the
+user's to fix (:class:`ReefcapError`, bad arguments) end as one line on stderr and exit status 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from reefcap import __version__
+
+# One entry per package that adds subcommands; a package adds itself here and nowhere else.
+COMMAND_MODULES = [
+    "reefcap.models.cli",
+    "reefcap.clients.cli",
+]
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reefcap", description="Caption underwater imagery with adapted BLIP models.")
+    parser.add_argument("--version", action="version", version=f"reefcap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Quiet third-party chatter (progress bars, advisory warnings) that would mix with JSON on stdout.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from reefcap.models.errors import ReefcapError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except ReefcapError as exc:
+        print(f"reefcap: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("reefcap: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `reefcap caption ... | head` closed stdout early: not an error
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

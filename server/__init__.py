@@ -1,0 +1,1 @@
+"""The reefcap captioning HTTP service."""

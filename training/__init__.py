@@ -1,0 +1,1 @@
+"""Training side of reefcap: datasets, underwater optics, adaptation recipes, evaluation."""
