@@ -1,7 +1,7 @@
 """`reefcap caption`: caption image files with a local engine, one JSON line per image.
 
 Exit status: 0 when every image was captioned, 1 when at least one image failed (its line carries an
-``error``), 2 on a usage error or a model that cannot be loaded.
+``error``), 2 on a usage error or a model that cannot be loaded, 3 on an internal error.
 """
 
 from __future__ import annotations

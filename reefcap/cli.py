@@ -1,8 +1,8 @@
 """The `reefcap` command. Each package contributes its subcommands through a ``register(subparsers)`` hook.
 
 Handlers import their heavy dependencies lazily, so ``reefcap --help`` stays fast. Errors that are the
-user's to fix (:class:`ReefcapError`, bad arguments) end as one line on stderr and exit status 2, never a
-traceback.
+user's to fix (:class:`ReefcapError`, bad arguments) end as one line on stderr and exit status 2; an
+unexpected failure ends as one line and exit status 3 (``REEFCAP_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     "reefcap.clients.cli",
 ]
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `reefcap caption ... | head` closed stdout early: not an error
         return EXIT_OK
+    except Exception as exc:  # a bug, not bad input: still one line, with the traceback on request
+        if os.environ.get("REEFCAP_DEBUG"):
+            raise
+        print(
+            f"reefcap: internal error: {type(exc).__name__}: {exc} (set REEFCAP_DEBUG=1 for details)", file=sys.stderr
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

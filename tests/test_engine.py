@@ -46,6 +46,15 @@ def test_beam_search_scores_at_least_greedy(engine, euvp_images):
     assert sum(b.confidence * b.tokens for b in beam) >= sum(g.confidence * g.tokens for g in greedy) - 1e-3
 
 
+def test_beam_search_on_early_stopping_model(tiny_model, euvp_images):
+    """A fresh model ends beams early at different lengths: scores and tokens must still line up."""
+    eng = TorchCaptionEngine.load(str(tiny_model), EngineConfig(device="cpu"))
+    for options in (DecodeOptions(num_beams=3), DecodeOptions(num_beams=5, max_length=30), DecodeOptions.greedy()):
+        captions = eng.caption(euvp_images[:3], options)
+        assert len(captions) == 3
+        assert all(1 <= c.tokens <= options.max_length - 4 and c.confidence < 0 for c in captions)
+
+
 def test_max_length_bounds_tokens(engine, euvp_images):
     captions = engine.caption(euvp_images[:2], DecodeOptions.greedy(max_length=8, min_length=2))
     assert all(c.tokens <= 4 for c in captions)
