@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= test,train
+EXTRAS ?= test,train,ray
 HOST ?= 0.0.0.0
 PORT ?= 8000
 

@@ -1,53 +1,84 @@
 """Offline batch captioning: the same CaptionEngine the server uses, driven over a list of inputs.
 
 Each input yields one record, in input order: ``{"image", "caption", "model", "confidence"}`` or, for an
-input that cannot be decoded, ``{"image", "error", "code"}``. A bad image never stops the run.
+input that cannot be decoded, ``{"image", "error", "code"}``. A bad image never stops the run. Images are
+decoded on a thread pool one batch ahead, so decoding overlaps the model's work on the previous batch.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from typing import Any
 
 from reefcap.models.engine import CaptionEngine, DecodeOptions
 from reefcap.models.errors import ImageError
 
 
-class BatchCaptioner:
-    """Caption many images with one engine, ``batch_size`` at a time."""
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
 
-    def __init__(self, engine: CaptionEngine, batch_size: int = 16, options: DecodeOptions | None = None) -> None:
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def caption_record(name: str, caption: Any) -> dict[str, Any]:
+    return {"image": name, "caption": caption.caption, "model": caption.model, "confidence": caption.confidence}
+
+
+def error_record(name: str, exc: ImageError) -> dict[str, Any]:
+    return {"image": name, "error": str(exc), "code": exc.code}
+
+
+class BatchCaptioner:
+    """Caption many images with one engine, ``batch_size`` at a time, decoding on ``workers`` threads."""
+
+    def __init__(
+        self,
+        engine: CaptionEngine,
+        batch_size: int = 16,
+        options: DecodeOptions | None = None,
+        workers: int | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.engine = engine
         self.batch_size = batch_size
         self.options = (options or DecodeOptions()).validate()
+        self.workers = workers or default_workers()
 
-    def _flush(self, pending: list[tuple[str, Any]]) -> list[dict[str, Any]]:
-        captions = self.engine.caption([im for _, im in pending], self.options)
+    def _decode(self, name: str) -> Any:
+        try:
+            return self.engine.decode(name)
+        except ImageError as exc:
+            return exc
+
+    def _caption(self, names: list[str], decoded: list[Any]) -> list[dict[str, Any]]:
+        good = [(n, im) for n, im in zip(names, decoded, strict=True) if not isinstance(im, ImageError)]
+        captions = iter(self.engine.caption([im for _, im in good], self.options) if good else [])
         return [
-            {"image": name, "caption": c.caption, "model": c.model, "confidence": c.confidence}
-            for (name, _), c in zip(pending, captions, strict=True)
+            error_record(n, im) if isinstance(im, ImageError) else caption_record(n, next(captions))
+            for n, im in zip(names, decoded, strict=True)
         ]
 
-    def run(self, inputs: Iterable[str]) -> Iterator[dict[str, Any]]:
-        """Yield one record per input path, in order, as soon as its batch is captioned."""
-        held: list[dict[str, Any] | None] = []  # records in input order; None marks a slot awaiting its caption
-        pending: list[tuple[str, Any]] = []
-        for name in inputs:
-            try:
-                pending.append((name, self.engine.decode(name)))
-                held.append(None)
-            except ImageError as exc:
-                held.append({"image": name, "error": str(exc), "code": exc.code})
-            if len(pending) == self.batch_size:
-                yield from self._release(held, self._flush(pending))
-                held, pending = [], []
-        if pending or held:
-            yield from self._release(held, self._flush(pending) if pending else [])
+    def run_batches(self, inputs: Iterable[str]) -> Iterator[list[dict[str, Any]]]:
+        """Yield the records of each batch, in input order, as soon as the batch is captioned."""
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="reefcap-decode") as pool:
+            ahead: tuple[list[str], list[Future]] | None = None
+            for names in batched(inputs, self.batch_size):
+                submitted = (names, [pool.submit(self._decode, n) for n in names])
+                if ahead is not None:
+                    yield self._caption(ahead[0], [f.result() for f in ahead[1]])
+                ahead = submitted
+            if ahead is not None:
+                yield self._caption(ahead[0], [f.result() for f in ahead[1]])
 
-    @staticmethod
-    def _release(held: list[dict[str, Any] | None], done: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        results = iter(done)
-        for record in held:
-            yield record if record is not None else next(results)
+    def run(self, inputs: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """Yield one record per input, in order."""
+        for records in self.run_batches(inputs):
+            yield from records

@@ -1,4 +1,8 @@
-"""`reefcap caption`: caption image files with a local engine, one JSON line per image.
+"""`reefcap caption`: caption images with a local engine, a running server, or a Ray cluster.
+
+Inputs are image files, directories (searched recursively), glob patterns, or manifests (.txt, .jsonl,
+.csv, COCO .json). Results are one JSON line per image, on stdout or appended per batch to ``-o FILE``;
+``--resume`` skips the images already in that file, so a killed run loses nothing and repeats nothing.
 
 Exit status: 0 when every image was captioned, 1 when at least one image failed (its line carries an
 ``error``), 2 on a usage error or a model that cannot be loaded, 3 on an internal error.
@@ -9,22 +13,88 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 
-def _caption(args: argparse.Namespace) -> int:
+def _source(args: argparse.Namespace, options: Any):
+    """The batch producer for the chosen mode: a function from image names to lists of records."""
+    if args.server:
+        from .http import ReefcapClient, run_on_server
+
+        client = ReefcapClient(args.server, api_key=args.api_key, timeout=args.timeout)
+        return lambda names: run_on_server(client, names, options, args.batch_size, args.concurrency)
+    if args.ray is not None:
+        from .ray_runner import run_on_ray
+
+        address = None if args.ray == "local" else args.ray
+        return lambda names: run_on_ray(
+            names, args.model, args.backend, address, args.batch_size, options, args.dtype, args.ray_cpus
+        )
     from reefcap.models.backends import load_engine
-    from reefcap.models.engine import DecodeOptions, EngineConfig
+    from reefcap.models.engine import EngineConfig
 
     from .batch import BatchCaptioner
 
     engine = load_engine(args.model, backend=args.backend, config=EngineConfig(device=args.device, dtype=args.dtype))
+    return BatchCaptioner(engine, args.batch_size, options, args.workers).run_batches
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from reefcap.models.engine import DecodeOptions
+
+    from .inputs import InputError, expand_inputs
+    from .results import ResultsWriter, read_results, write_coco_results
+
+    if args.resume and not args.output:
+        raise InputError("--resume needs -o/--output: the results file to continue")
+    inputs = expand_inputs(args.paths)
+    writer = ResultsWriter(args.output, resume=args.resume, overwrite=args.overwrite) if args.output else None
+    todo = [i.image for i in inputs if writer is None or i.image not in writer.done]
     options = DecodeOptions(num_beams=1 if args.greedy else args.beams, max_length=args.max_length)
-    failed = 0
-    for record in BatchCaptioner(engine, args.batch_size, options).run(args.paths):
-        failed += "error" in record
-        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-    return 1 if failed else 0
+    run = _source(args, options)
+
+    counts = {"captioned": 0, "failed": 0}
+    start = time.monotonic()
+    bar = tqdm(total=len(todo), unit="img", disable=args.quiet or None, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for records in run(todo):
+            if writer is not None:
+                writer.write(records)
+            else:
+                sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                sys.stdout.flush()
+            failed = sum("error" in r for r in records)
+            counts["failed"] += failed
+            counts["captioned"] += len(records) - failed
+            bar.update(len(records))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    elapsed = time.monotonic() - start
+    summary = {
+        **counts,
+        "skipped": len(inputs) - len(todo),
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(len(todo) / elapsed, 3) if elapsed > 0 and todo else 0.0,
+    }
+
+    if args.output and (args.coco_results or args.references):
+        results = list(read_results(Path(args.output)))
+        ids = {i.image: i.image_id for i in inputs}
+        if args.coco_results:
+            write_coco_results(results, ids, args.coco_results)
+        if args.references:
+            from .scoring import score_results
+
+            summary["metrics"] = score_results(results, ids, Path(args.references))
+    if not args.quiet:
+        print(json.dumps({"summary": summary}), file=sys.stderr)
+    return 1 if counts["failed"] else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,13 +104,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files")
+    p.add_argument("paths", nargs="+", metavar="INPUT", help="image files, directories, globs or manifests")
+    p.add_argument("-o", "--output", help="append results here (JSONL) instead of printing them")
+    p.add_argument("--resume", action="store_true", help="skip images already in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--coco-results", metavar="FILE", help="also write COCO results format (needs -o)")
+    p.add_argument("--references", metavar="COCO_JSON", help="score the captions against these references (needs -o)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--server", metavar="URL", help="caption through a running reefcap server")
+    where.add_argument(
+        "--ray", nargs="?", const="local", metavar="ADDRESS", help="run on Ray (a local instance if no address)"
+    )
     p.add_argument("--model", default="reefscenes-tiny-damf", help="bundled name, local HF directory or hub id")
     p.add_argument("--backend", default="torch", help="caption engine backend (default: torch)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: up to 4)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of 3-beam search")
     p.add_argument("--beams", type=int, default=3, help="beam width when not --greedy")
     p.add_argument("--max-length", type=int, default=20, help="maximum tokens, decoder prompt included")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--api-key", default=None, help="bearer key for --server (default: $REEFCAP_API_KEY)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds with --server")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary on stderr")
     p.set_defaults(handler=_caption)

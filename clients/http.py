@@ -1,0 +1,297 @@
+"""Python clients for the reefcap server: ``ReefcapClient`` (blocking) and ``AsyncReefcapClient``.
+
+Both send one image per request to ``POST /v1/captions`` (the server batches across requests), retry
+with exponential backoff on 429/503 and on connection failures, honouring ``Retry-After``, and return
+typed :class:`CaptionResult` objects. A 4xx answer raises :class:`ReefcapHTTPError` with the server's error
+code and message; ``caption_many`` returns such errors in place instead of raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import io
+import json
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from reefcap.models.engine import DecodeOptions
+from reefcap.models.errors import ReefcapError
+
+RETRY_STATUS = {429, 503}
+ImageInput = str | os.PathLike | bytes | Image.Image
+
+
+class ReefcapHTTPError(ReefcapError):
+    """The server refused a request (or kept refusing it past the retry budget)."""
+
+    def __init__(self, status: int, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status, self.code, self.message, self.request_id = status, code, message, request_id
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """One image's answer from the server."""
+
+    caption: str
+    model: str
+    model_version: str
+    fallback: bool
+    fallback_reason: str | None
+    confidence: float
+    latency_ms: float
+    uiqm: float | None
+    uciqe: float | None
+    request_id: str
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_response(cls, item: dict[str, Any], request_id: str) -> CaptionResult:
+        model, fallback, quality = item["model"], item.get("fallback") or {}, item.get("quality") or {}
+        return cls(
+            caption=item["caption"],
+            model=model["name"],
+            model_version=model.get("version", ""),
+            fallback=bool(fallback.get("used")),
+            fallback_reason=fallback.get("reason"),
+            confidence=float(item["confidence"]),
+            latency_ms=float(item.get("latency_ms", 0.0)),
+            uiqm=quality.get("uiqm"),
+            uciqe=quality.get("uciqe"),
+            request_id=request_id,
+            raw=item,
+        )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait before retrying a refused or failed request."""
+
+    retries: int = 5
+    backoff_s: float = 0.25
+    max_backoff_s: float = 10.0
+
+    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based); ``Retry-After`` wins when present."""
+        header = response.headers.get("retry-after") if response is not None else None
+        if header:
+            try:
+                return min(self.max_backoff_s, max(0.0, float(header)))
+            except ValueError:
+                when = email.utils.parsedate_to_datetime(header)
+                if when is not None:
+                    return min(self.max_backoff_s, max(0.0, when.timestamp() - time.time()))
+        base = min(self.max_backoff_s, self.backoff_s * (2**attempt))
+        return base * (0.5 + random.random() / 2)  # jitter: clients refused together should not return together
+
+
+def image_bytes(image: ImageInput) -> tuple[str, bytes]:
+    """A (filename, bytes) pair for an upload. PIL images are sent as PNG (lossless)."""
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return "image.png", buf.getvalue()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return "image", bytes(image)
+    path = Path(image)
+    return path.name, path.read_bytes()
+
+
+def _request_parts(image: ImageInput, options: DecodeOptions | dict | None) -> dict[str, Any]:
+    name, data = image_bytes(image)
+    parts: dict[str, Any] = {"files": [("images", (name, data, "application/octet-stream"))]}
+    if options is not None:
+        opts = asdict(options) if isinstance(options, DecodeOptions) else dict(options)
+        parts["data"] = {"options": json.dumps(opts)}
+    return parts
+
+
+def _parse(response: httpx.Response) -> CaptionResult:
+    request_id = response.headers.get("x-request-id", "")
+    if response.status_code >= 400:
+        try:
+            err = response.json()["error"]
+            code, message = err["code"], err["message"]
+        except (ValueError, KeyError, TypeError):
+            code, message = "http_error", response.text[:200]
+        raise ReefcapHTTPError(response.status_code, code, message, request_id)
+    body = response.json()
+    return CaptionResult.from_response(body["results"][0], body.get("request_id", request_id))
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, retry: RetryPolicy | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("REEFCAP_API_KEY")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+
+    def _should_retry(self, attempt: int, response: httpx.Response | None) -> bool:
+        return attempt < self.retry.retries and (response is None or response.status_code in RETRY_STATUS)
+
+
+class ReefcapClient(_Base):
+    """Blocking client. ``caption_many`` runs up to ``concurrency`` requests at once on threads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, retry)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport)
+
+    def _post(self, path: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retry.retries + 1):
+            try:
+                response = self._http.post(path, **kwargs)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+                if not self._should_retry(attempt, None):
+                    raise
+                time.sleep(self.retry.delay(attempt, None))
+                continue
+            if not self._should_retry(attempt, response):
+                return response
+            time.sleep(self.retry.delay(attempt, response))
+        raise AssertionError("unreachable")
+
+    def caption(self, image: ImageInput, options: DecodeOptions | dict | None = None) -> CaptionResult:
+        """Caption one image (a path, encoded bytes or a PIL image)."""
+        return _parse(self._post("/v1/captions", **_request_parts(image, options)))
+
+    def caption_many(
+        self, images: Sequence[ImageInput], options: DecodeOptions | dict | None = None, concurrency: int = 8
+    ) -> list[CaptionResult | ReefcapHTTPError]:
+        """Caption many images with at most ``concurrency`` requests in flight; results in input order."""
+
+        def one(image: ImageInput) -> CaptionResult | ReefcapHTTPError:
+            try:
+                return self.caption(image, options)
+            except ReefcapHTTPError as exc:
+                if exc.status >= 500:
+                    raise
+                return exc
+
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            return list(pool.map(one, images))
+
+    def get(self, path: str) -> Any:
+        """GET a JSON endpoint (``/healthz``, ``/readyz``, ``/v1/models``)."""
+        response = self._http.get(path)
+        if response.status_code >= 400:
+            _parse(response)
+        return response.json()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ReefcapClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncReefcapClient(_Base):
+    """asyncio client with the same behaviour as :class:`ReefcapClient`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, retry)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+        )
+
+    async def _post(self, path: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retry.retries + 1):
+            try:
+                response = await self._http.post(path, **kwargs)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+                if not self._should_retry(attempt, None):
+                    raise
+                await asyncio.sleep(self.retry.delay(attempt, None))
+                continue
+            if not self._should_retry(attempt, response):
+                return response
+            await asyncio.sleep(self.retry.delay(attempt, response))
+        raise AssertionError("unreachable")
+
+    async def caption(self, image: ImageInput, options: DecodeOptions | dict | None = None) -> CaptionResult:
+        """Caption one image (a path, encoded bytes or a PIL image)."""
+        parts = await asyncio.to_thread(_request_parts, image, options)
+        return _parse(await self._post("/v1/captions", **parts))
+
+    async def caption_many(
+        self, images: Iterable[ImageInput], options: DecodeOptions | dict | None = None, concurrency: int = 8
+    ) -> list[CaptionResult | ReefcapHTTPError]:
+        """Caption many images with at most ``concurrency`` requests in flight; results in input order."""
+        gate = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(image: ImageInput) -> CaptionResult | ReefcapHTTPError:
+            async with gate:
+                try:
+                    return await self.caption(image, options)
+                except ReefcapHTTPError as exc:
+                    if exc.status >= 500:
+                        raise
+                    return exc
+
+        return list(await asyncio.gather(*(one(im) for im in images)))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncReefcapClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def run_on_server(
+    client: ReefcapClient, names: Iterable[str], options: DecodeOptions, batch_size: int, concurrency: int
+) -> Iterator[list[dict[str, Any]]]:
+    """The batch CLI's server mode: records per chunk of ``batch_size`` names, same shape as local mode."""
+    from .batch import batched
+
+    for chunk in batched(names, batch_size):
+        readable, records = [], {}
+        for name in chunk:
+            try:
+                readable.append((name, image_bytes(name)[1]))
+            except OSError as exc:
+                error = f"{name}: cannot read ({exc.strerror or exc})"
+                records[name] = {"image": name, "error": error, "code": "not_an_image"}
+        answers = client.caption_many([data for _, data in readable], options, concurrency)
+        for (name, _), answer in zip(readable, answers, strict=True):
+            if isinstance(answer, ReefcapHTTPError):
+                records[name] = {"image": name, "error": answer.message, "code": answer.code}
+            else:
+                records[name] = {
+                    "image": name,
+                    "caption": answer.caption,
+                    "model": answer.model,
+                    "confidence": answer.confidence,
+                    "fallback": answer.fallback_reason,
+                }
+        yield [records[name] for name in chunk]
