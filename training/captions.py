@@ -8,6 +8,8 @@ so adapting to underwater captions involves the language side too.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 NOUNS = {
@@ -81,8 +83,14 @@ PLACES = {  # background -> (phrases for swimmers, phrases for things on the bot
 COUNT_WORDS = {2: ["two", "a pair of"], 3: ["three", "a few", "a group of three"], 4: ["four", "several", "a group of"]}
 SCHOOL = {"fish", "reef fish", "tropical fish", "angelfish", "barracuda", "clownfish"}
 OPENERS = ["a photo of", "an image of", "a picture of", "a close up of", "a view of"]
-# Words only underwater captions use (the condition vocabulary); in-air captions must not contain them.
-CONDITION_WORDS = {"water", "murky", "hazy", "cloudy", "clear", "dim", "torch", "light", "particles", "snow"}
+# What only underwater captions say (the condition vocabulary); in-air captions never match this.
+# "open water" is a background, not a condition, so "water" counts only without "open" before it.
+CONDITIONS_RE = re.compile(r"\b(murky|hazy|clear|dim|torch|dive light|particles|marine snow)\b|(?<!open )\bwater\b")
+
+
+def names_conditions(caption: str) -> bool:
+    """Whether a caption describes the water or light conditions (only underwater captions do)."""
+    return CONDITIONS_RE.search(caption) is not None
 
 
 def _c(rng: np.random.Generator, options):
@@ -162,10 +170,10 @@ def _one_caption(rng, scene: dict, template: int) -> str:
     if template == 4 and ref is not None:
         np_r, _ = noun_phrase(rng, ref, colour_p=0.3)
         return f"{np_s} and {np_r} {_place(rng, scene, subj)}"
-    short, _ = noun_phrase(rng, subj, detail=False)
-    return (
-        f"{_c(rng, ['there ' + be, 'you can see'])} {np_s} {_place(rng, scene, subj)}" if rng.random() < 0.5 else short
-    )
+    if rng.random() < 0.5:
+        return f"{_c(rng, ['there ' + be, 'you can see'])} {np_s} {_place(rng, scene, subj)}"
+    short, _ = noun_phrase(rng, subj, detail=False)  # a terse annotator: no colour
+    return f"{short} {_place(rng, scene, subj)}"
 
 
 def condition_phrase(rng, conditions: dict) -> str:

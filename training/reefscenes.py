@@ -154,6 +154,7 @@ def generate(out, config: ReefScenesConfig, progress: bool = True, force: bool =
     elapsed = time.perf_counter() - start
     info = {"description": "ReefScenes synthetic underwater captioning benchmark (reefcap)", **asdict(config)}
     info["counts"] = counts
+    del info["workers"]  # the output does not depend on it, so it must not appear in it
     for domain, splits in records.items():
         for split, recs in splits.items():
             write_coco(recs, out / domain / f"{split}.json", info={**info, "domain": domain, "split": split})

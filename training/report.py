@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import quality
+from .captions import names_conditions
 from .datasets import DatasetError
 
 MEASURES = ("uiqm", "uciqe", "r_g", "b_g")
@@ -82,7 +83,7 @@ def preview(root, out, n: int = 6, split: str = "test", cell: int = 192) -> Path
     for row, sid in enumerate(scene_ids):
         for col, domain in enumerate(domains):
             path, caps = by_domain[domain][sid]
-            named = [c for c in caps if " water" in c or "light" in c or "torch" in c]
+            named = [c for c in caps if names_conditions(c)]
             text = (named or caps)[0] if domain == "underwater" else caps[0]
             with Image.open(path) as im:
                 grid.paste(_caption_cell(im, f"#{sid}: {text}", cell), (col * (cell + 8), header + row * probe.height))
