@@ -11,7 +11,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .scenes import COLOURS
+from .scenes import CATALOGUE, COLOURS
 
 SUPERSAMPLE = 2
 FAR = 1000.0  # relative range of open water beyond the scene (the renderer clips it to its far range)
@@ -377,8 +377,9 @@ def paint(scene: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     shadows = Image.new("L", p.labels.size, 0)
     if scene["background"] != "open water":  # cast shadows of daylight from above on the floor
         sd = ImageDraw.Draw(shadows)
-        for inst, _ in items:
-            cx, base, r = p.px(inst["x"]), p.px(inst["y"] + inst["size"] * 0.3), p.px(inst["size"]) * 0.5
+        for inst, g in items:
+            drop = 0.3 if CATALOGUE[g["kind"]]["swims"] else 0.03  # swimmers cast it further down
+            cx, base, r = p.px(inst["x"]), p.px(inst["y"] + inst["size"] * drop), p.px(inst["size"]) * 0.5
             sd.ellipse((cx - r, base - r * 0.25, cx + r, base + r * 0.25), fill=170)
     for label, (inst, g) in enumerate(items, 1):
         p.label = label
