@@ -228,3 +228,15 @@ def test_write_coco_round_trips(tmp_path, images):
     back = load_dataset(out)
     assert [(r.path, r.captions) for r in back] == [(r.path.resolve(), r.captions) for r in recs]
     assert back[0].metadata["scene_id"] == 4 and back[0].metadata["water"] == "I"
+
+
+def test_kaggle_flickr_variants_csv_captions_txt_and_pipe_results(tmp_path, images):
+    (tmp_path / "captions.txt").write_text("image,caption\na.jpg,A fish .\na.jpg,Two fish .\nb.jpg,A ray .\n")
+    recs = load_dataset(tmp_path / "captions.txt", images_root=images)
+    assert by_name(recs) == {"a.jpg": ("A fish .", "Two fish ."), "b.jpg": ("A ray .",)}
+    text = "image_name| comment_number| comment\na.jpg| 0| A turtle .\nc.jpg| 0| A coral .\n"
+    (tmp_path / "results.csv").write_text(text)
+    assert by_name(load_dataset(tmp_path / "results.csv", images_root=images)) == {
+        "a.jpg": ("A turtle .",),
+        "c.jpg": ("A coral .",),
+    }

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,8 @@ from reefcap.models.errors import ReefcapError
 FORMATS = ("coco", "karpathy", "flickr", "jsonl", "csv", "imagefolder")
 SPLITS = ("train", "val", "test")
 # Column/key names accepted for the image path and the caption(s) in manifests and imagefolder metadata.
-IMAGE_KEYS = ("image", "file_name", "image_path", "path", "filepath", "filename")
-CAPTION_KEYS = ("caption", "text", "sentence")
+IMAGE_KEYS = ("image", "file_name", "image_path", "path", "filepath", "filename", "image_name")
+CAPTION_KEYS = ("caption", "text", "sentence", "comment")
 CAPTIONS_KEYS = ("captions", "sentences", "texts")
 SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "validation": "val", "dev": "val", "test": "test"}
 
@@ -206,10 +207,26 @@ def _load_jsonl(path: Path, b: _Builder) -> None:
         _manifest_row(b, row, f"{path}:{lineno}")
 
 
+def _first_line(path: Path) -> str:
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                return line
+    return ""
+
+
+def _delimiter(path: Path) -> str:
+    """Tab for .tsv; otherwise the most frequent of , | ; tab in the header (Kaggle's Flickr30k uses |)."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    header = _first_line(path)
+    return max((",", "|", ";", "\t"), key=header.count) if header else ","
+
+
 def _load_csv(path: Path, b: _Builder) -> None:
+    delimiter = _delimiter(path)
     with path.open(encoding="utf-8", newline="") as fh:
-        dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
-        reader = csv.DictReader(fh, dialect=dialect)
+        reader = csv.DictReader(fh, delimiter=delimiter)
         if not reader.fieldnames:
             raise DatasetError(f"{path}:1: empty CSV (a header row is required)")
         for row in reader:
@@ -246,8 +263,14 @@ def detect_format(path: Path) -> str:
         return "jsonl"
     if suffix in (".csv", ".tsv"):
         return "csv"
-    if suffix in (".token", ".txt") or name.endswith(".token.txt"):
+    if suffix == ".token":
         return "flickr"
+    if suffix == ".txt":  # Flickr token lines ("name.jpg#0<TAB>caption"), or a CSV such as Kaggle's captions.txt
+        line = _first_line(path)
+        if re.match(r"[^\t#]+#\d+\t", line):
+            return "flickr"
+        columns = {c.strip().lower() for c in re.split(r"[,|;\t]", line)}
+        return "csv" if columns & set(IMAGE_KEYS) and columns & set(CAPTION_KEYS + CAPTIONS_KEYS) else "flickr"
     if suffix == ".json":
         data = _read_json(path)
         if isinstance(data, dict) and "annotations" in data:
