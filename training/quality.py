@@ -16,7 +16,7 @@ IEEE J. Oceanic Eng. 41(3), 2016)::
   UICM = -0.0268 * sqrt(mu_RG^2 + mu_YB^2) + 0.1586 * sqrt(var_RG + var_YB).
 - UISM (sharpness): per channel, the Sobel gradient magnitude (3x3 kernels, edge-replicated borders)
   multiplied by the channel itself ("grayscale edge map"); EME over non-overlapping 10x10 pixel blocks
-  (rows/columns that do not fill a block are dropped): EME = 2 / (k1 k2) * sum log(max / min), where a block
+  (rows/columns that do not fill a block are dropped): EME = 2 / (k1 k2) * sum ln(max / min), where a block
   whose minimum is 0 contributes 0 (the ratio is undefined). UISM = 0.299 EME_R + 0.587 EME_G + 0.114 EME_B.
 - UIConM (contrast): logAMEE over the same 10x10 blocks of the intensity image I = (R + G + B) / 3, with
   ordinary arithmetic in place of the paper's PLIP operators (as the widely used implementations do):
@@ -34,6 +34,10 @@ computed in CIELab (sRGB, D65 white, the standard sRGB transfer curve), every te
 - con_l: mean L* of the brightest 1 % of pixels minus mean L* of the darkest 1 % (at least one pixel
   each), divided by 100;
 - mu_s: mean saturation, s = C* / sqrt(C*^2 + L*^2) (bounded in 0..1; 0 for black pixels).
+
+For scale: on the 23 real EUVP test photos at 256 px these give UIQM 2.73 (raw) vs 2.92 (enhanced) and
+UCIQE 0.399 vs 0.416 on average (docs/reefscenes-report.md). Both depend on resolution (block counts,
+edge strength), so compare images at the same size.
 """
 
 from __future__ import annotations
