@@ -11,14 +11,9 @@ from pathlib import Path
 
 
 def _reefscenes(args: argparse.Namespace) -> int:
-    from .reefscenes import DEFAULT_COUNTS, DOMAINS, ReefScenesConfig, generate
+    from .reefscenes import ReefScenesConfig, default_counts, generate
 
-    domains = DOMAINS if args.domain == "both" else (args.domain,)
-    counts = {}
-    for domain in domains:
-        counts[domain] = args.images if args.images is not None else DEFAULT_COUNTS[domain]
-    if "surface" in counts and args.surface_images is not None:
-        counts["surface"] = args.surface_images
+    counts = default_counts(args.domain, args.images, args.surface_images)
     config = ReefScenesConfig(seed=args.seed, size=args.size, counts=counts, workers=args.workers)
     result = generate(args.out, config, progress=not args.no_progress, force=args.force)
     print(json.dumps(result))

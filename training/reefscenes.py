@@ -7,13 +7,13 @@ Layout on disk (the contract with the training code)::
     DIR/<domain>/images/<scene_id>.jpg
 
 ``domain`` is ``surface`` (in air) or ``underwater``. Image ids are the scene ids, so one id names the same
-scene in both domains, and the split is decided per scene (a seeded hash of the scene id), so a scene sits in
-the same split in both domains and generating more scenes never moves an existing one.
+scene in both domains, and the split of a scene depends only on the seed and its id (see :func:`scene_split`),
+so a scene sits in the same split in both domains, whether they are generated together or apart, and
+generating more scenes never moves an existing one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import multiprocessing as mp
 import os
@@ -50,12 +50,27 @@ class ReefScenesConfig:
     workers: int = 2
 
 
-def scene_split(seed: int, scene_id: int, ratios=RATIOS) -> str:
-    """The split of one scene: a seeded hash of its id cut at the ratios (about 70/15/15 over many scenes)."""
-    digest = hashlib.sha256(f"reefscenes:{seed}:{scene_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    total = sum(ratios)
-    return SPLITS[0] if u < ratios[0] / total else SPLITS[1] if u < (ratios[0] + ratios[1]) / total else SPLITS[2]
+def default_counts(domain: str = "both", images: int | None = None, surface_images: int | None = None) -> dict:
+    """Scenes per domain for ``--domain``/``--images``/``--surface-images``: by default 10,000 in air and
+    3,176 underwater (scenes 0-3175 are rendered in both); ``images`` sets every chosen domain."""
+    domains = DOMAINS if domain == "both" else (domain,)
+    counts = {d: images if images is not None else DEFAULT_COUNTS[d] for d in domains}
+    if "surface" in counts and surface_images is not None:
+        counts["surface"] = surface_images
+    return counts
+
+
+SPLIT_BLOCK = 20  # 70/15/15 of 20 scenes is exactly 14/3/3
+
+
+def scene_split(seed: int, scene_id: int) -> str:
+    """The split of one scene. Scenes come in blocks of 20 ids, each block shuffled by the seed and cut 14/3/3,
+    so any first N scenes split close to 70/15/15 (exactly for multiples of 20: even a 20-scene smoke test has
+    a validation and a test split), and the answer never depends on how many scenes are generated."""
+    block, slot = divmod(int(scene_id), SPLIT_BLOCK)
+    rank = int(np.random.default_rng([int(seed), block, 7]).permutation(SPLIT_BLOCK)[slot])
+    cuts = np.cumsum([round(r * SPLIT_BLOCK) for r in RATIOS])
+    return SPLITS[int(np.searchsorted(cuts, rank, side="right"))]
 
 
 def _jpeg(arr: np.ndarray, quality: int) -> bytes:
