@@ -128,7 +128,7 @@ def test_jsonl_malformed_rows_name_file_and_line(tmp_path, images, line, message
 
 def test_csv_manifest_with_multiple_caption_forms(tmp_path, images):
     text = 'image,caption,depth\nimgs/a.jpg,"a fish, swimming",3\nimgs/b.jpg,a turtle,\n'
-    (tmp_path / "m.csv").write_text(text)
+    (tmp_path / "m.csv").write_text("\ufeff" + text)  # with the BOM spreadsheets write
     recs = load_dataset(tmp_path / "m.csv")
     assert by_name(recs) == {"a.jpg": ("a fish, swimming",), "b.jpg": ("a turtle",)}
     assert recs[0].metadata == {"depth": "3"} and recs[1].metadata == {}

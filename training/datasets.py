@@ -208,7 +208,7 @@ def _load_jsonl(path: Path, b: _Builder) -> None:
 
 
 def _first_line(path: Path) -> str:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for line in fh:
             if line.strip():
                 return line
@@ -225,7 +225,7 @@ def _delimiter(path: Path) -> str:
 
 def _load_csv(path: Path, b: _Builder) -> None:
     delimiter = _delimiter(path)
-    with path.open(encoding="utf-8", newline="") as fh:
+    with path.open(encoding="utf-8-sig", newline="") as fh:  # -sig: spreadsheets often start with a BOM
         reader = csv.DictReader(fh, delimiter=delimiter)
         if not reader.fieldnames:
             raise DatasetError(f"{path}:1: empty CSV (a header row is required)")

@@ -61,6 +61,8 @@ class Painter:
 
 def _fish(p: Painter, cx, cy, length, col, facing, rng, variant):
     tall = {"angelfish": 0.75, "pufferfish": 0.6, "barracuda": 0.18, "clownfish": 0.42}.get(variant, 0.4)
+    if variant == "angelfish":  # its fins make it taller than long: keep it inside the frame
+        length *= 0.7
     rx, ry = length / 2, length * tall / 2
     tail_x = cx - facing * rx * 0.9
     p.polygon(
