@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -148,6 +149,11 @@ def test_underwater_transform_types_determinism_and_physics():
     # Oceanic water leaves blue, turbid coastal water green-yellow.
     ocean, coast = (underwater(arr, rel * 2, seed=2, water_type=w, range_m=2.0, **fixed) for w in ("I", "7C"))
     assert quality.channel_ratios(ocean)["b_g"] > quality.channel_ratios(coast)["b_g"]
+    for s in range(5):  # a fixed murky type gets ranges drawn for it, not for whatever type was sampled
+        _, p = underwater(img, seed=s, water_type="9C", return_params=True)
+        assert p["range_m"] <= max(0.7, math.log(0.25) / math.log(JERLOV_N["9C"][1] ** p["turbidity"])) + 1e-3
+    _, p = underwater(img, np.full((64, 64), 1.5), seed=0, return_params=True)
+    assert p["range_m"] == 1.5  # with a depth map the recorded range is the map's
     with pytest.raises(ValueError, match="water type"):
         underwater(img, water_type="XX")
     with pytest.raises(TypeError, match="bogus"):

@@ -49,7 +49,7 @@ class WaterParams:
     """Everything sampled for one rendering; stored in the dataset metadata."""
 
     water_type: str = "II"
-    range_m: float = 3.0  # camera-to-subject range; a given depth map overrides the shape, not this value
+    range_m: float = 3.0  # camera-to-subject range in metres (with a depth map: the map's median, for the record)
     light_depth_m: float = 5.0  # how far daylight came down before reaching the scene
     turbidity: float = 1.0  # scales the attenuation coefficients (1 = the Jerlov table)
     turbidity_variation: float = 0.25  # relative amplitude of the smooth spatial variation
@@ -68,15 +68,17 @@ class WaterParams:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def sample_params(rng: np.random.Generator) -> WaterParams:
+def sample_params(rng: np.random.Generator, water_type: str | None = None) -> WaterParams:
     """Random conditions spread over the real range: clear ocean to murky coastal water, near to far.
 
     Ranges are drawn so that enough light survives: the subject returns at least a quarter of its green
     light (``N_G ** z >= 0.25``, beyond that its captions would describe something invisible), and daylight
     keeps at least 5 % of its green on the way down (photos are taken where there is light to take them).
-    Water types are weighted towards the reef waters most photos come from (oceanic and clearer coastal).
+    Water types are weighted towards the reef waters most photos come from (oceanic and clearer coastal);
+    a given ``water_type`` is kept and the ranges are drawn for it.
     """
     water = str(rng.choice(WATER_TYPES, p=[0.12, 0.12, 0.12, 0.15, 0.12, 0.12, 0.1, 0.08, 0.05, 0.02]))
+    water = water_type or water  # drawn anyway, so a fixed type leaves the other draws unchanged
     turbidity = float(rng.uniform(0.7, 1.4))
     n_g = JERLOV_N[water][1] ** turbidity
     max_range = min(3.5, math.log(0.25) / math.log(n_g))
@@ -258,7 +260,7 @@ def underwater(
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got {arr.dtype} {arr.shape}")
     if water_type is not None and water_type not in JERLOV_N:
         raise ValueError(f"unknown Jerlov water type {water_type!r}; expected one of {', '.join(WATER_TYPES)}")
-    params = sample_params(rng)
+    params = sample_params(rng, water_type)
     fields = WaterParams.__dataclass_fields__
     unknown = set(overrides) - set(fields)
     if unknown:
@@ -268,6 +270,8 @@ def underwater(
             setattr(params, key, value)
     if depth is not None:
         depth = np.asarray(depth, dtype=np.float64)
+        if range_m is None:  # the metadata should describe the range actually rendered
+            params.range_m = float(np.median(depth))
     out = render(arr, depth, params, rng)
     if jpeg and params.jpeg_quality:
         out = jpeg_roundtrip(out, params.jpeg_quality)
