@@ -138,7 +138,7 @@ def _manifest_row(b: _Builder, row: dict, where: str, csv_mode: bool = False) ->
         captions = _row_captions(row, where, csv_mode)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{where}: captions cell is not a JSON list ({exc.msg})") from None
-    used = {key, *CAPTION_KEYS, *CAPTIONS_KEYS}
+    used = {key, "image_id", *CAPTION_KEYS, *CAPTIONS_KEYS}
     meta = {k: v for k, v in row.items() if k not in used and v not in (None, "")}
     if "split" in meta and isinstance(meta["split"], str):
         meta["split"] = SPLIT_ALIASES.get(meta["split"].lower(), meta["split"])

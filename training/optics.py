@@ -193,11 +193,13 @@ def render(image: np.ndarray, depth: np.ndarray | None, params: WaterParams, rng
     ambient = n**params.light_depth_m  # daylight colour after coming down D metres
     direct = scene * ambient * np.exp(-coef * turb * z[..., None])
     if params.artificial_light > 0:
-        # A light beside the camera: cone falloff off-axis, inverse square, attenuated out and back.
+        # A light beside the camera: cone falloff off-axis, inverse square, attenuated out and back. Its power
+        # is set, as a photographer would, to give the subject about `artificial_light` x the daylight there.
         yy, xx = np.mgrid[0:h, 0:w]
         off = ((xx - w * 0.5) / w) ** 2 + ((yy - h * 0.45) / h) ** 2
         cone = np.exp(-off / 0.12)[..., None]
-        lamp = params.artificial_light * cone / np.maximum(z, 0.5)[..., None] ** 2
+        falloff = np.minimum((params.range_m / np.maximum(z, 0.05)) ** 2, 4.0)[..., None]
+        lamp = params.artificial_light * float(ambient.max()) * cone * falloff
         direct = direct + scene * np.array([1.0, 0.95, 0.85]) * lamp * np.exp(-2 * coef * turb * z[..., None])
     direct = _forward_scatter(direct, z, params, scale=w / 256)
     # Veiling light B_inf: ambient light scattered toward the camera, coloured by the water (red weakest).
