@@ -207,3 +207,36 @@ def test_training_cli_and_data_modules_do_not_import_torch():
         "reefcap.training.reefscenes, reefcap.training.report; assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_cli_renders_any_dataset_underwater_keeping_captions(small_set, tmp_path, capsys):
+    out, _ = small_set
+    src = load_dataset(out / "surface" / "train.json")
+    wet = tmp_path / "wet"
+    assert (
+        main(["data", "underwater", str(out / "surface" / "train.json"), "--out", str(wet), "--water-type", "3C"]) == 0
+    )
+    records = load_dataset(wet)
+    assert sorted(r.captions for r in records) == sorted(r.captions for r in src)
+    for rec in records:
+        assert rec.metadata["water_type"] == "3C" and rec.metadata["domain"] == "underwater"
+        before = np.asarray(Image.open(rec.metadata["source"]).convert("RGB"), dtype=float)
+        after = np.asarray(Image.open(rec.path).convert("RGB"), dtype=float)
+        assert after.shape == before.shape and np.abs(after - before).mean() > 10
+    capsys.readouterr()
+    assert main(["data", "underwater", str(out / "surface" / "train.json"), "--out", str(wet)]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "underwater",
+                str(out / "surface" / "train.json"),
+                "--out",
+                str(tmp_path / "x"),
+                "--water-type",
+                "ZZ",
+            ]
+        )
+        == 2
+    )
+    assert "unknown water type" in capsys.readouterr().err

@@ -50,6 +50,24 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _underwater(args: argparse.Namespace) -> int:
+    from .datasets import DatasetError, load_dataset
+    from .optics import WATER_TYPES
+    from .reefscenes import wet_dataset
+
+    if args.water_type and args.water_type not in WATER_TYPES:
+        raise DatasetError(f"unknown water type {args.water_type!r}; expected one of {', '.join(WATER_TYPES)}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out} is not empty; choose a new folder")
+    records = load_dataset(args.path, fmt=args.fmt, images_root=args.images_root)
+    result = wet_dataset(
+        records, out, seed=args.seed, water_type=args.water_type, workers=args.workers, max_side=args.max_side
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="generate, preview, check and convert captioning datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -95,3 +113,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--images-root", help="folder image paths are relative to (default: the file's folder)")
     conv.add_argument("--seed", type=int, default=0, help="seed of the 70/15/15 split when the data has none")
     conv.set_defaults(handler=_convert)
+
+    wet = dsub.add_parser("underwater", help="render any captioned dataset underwater (captions kept), as COCO")
+    wet.add_argument("path", help="dataset file or directory (any supported format)")
+    wet.add_argument("--out", required=True, help="new directory for images/ and train/val/test.json")
+    wet.add_argument("--fmt", default="auto")
+    wet.add_argument("--images-root", help="folder image paths are relative to")
+    wet.add_argument("--water-type", help="one Jerlov type for all images (default: sampled per image)")
+    wet.add_argument("--seed", type=int, default=0)
+    wet.add_argument("--max-side", type=int, help="shrink larger images to this many pixels on their long side")
+    wet.add_argument("--workers", type=int, default=2)
+    wet.set_defaults(handler=_underwater)

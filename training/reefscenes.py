@@ -175,3 +175,72 @@ def generate(out, config: ReefScenesConfig, progress: bool = True, force: bool =
             write_coco(recs, out / domain / f"{split}.json", info={**info, "domain": domain, "split": split})
     summary = {d: {s: len(v) for s, v in splits.items()} for d, splits in records.items()}
     return {"out": str(out), "counts": summary, "seconds": round(elapsed, 1), "workers": workers}
+
+
+def _wet_one(job: tuple) -> tuple[int, dict]:
+    from .optics import underwater
+
+    index, src, dst, seed, water_type, max_side = job
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        if max_side and max(im.size) > max_side:
+            im.thumbnail((max_side, max_side), Image.LANCZOS)
+        arr = np.asarray(im)
+    image, params = underwater(
+        arr, rng=scene_rng(seed, index, STREAM_RENDER), water_type=water_type, jpeg=False, return_params=True
+    )
+    Path(dst).write_bytes(_jpeg(image, params["jpeg_quality"]))
+    return index, {**params, "width": image.shape[1], "height": image.shape[0]}
+
+
+def wet_dataset(
+    records,
+    out,
+    seed: int = 0,
+    water_type: str | None = None,
+    workers: int = 2,
+    max_side: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Turn an in-air captioned dataset into an underwater one: every image through :func:`optics.underwater`
+    (no range map: the default one), captions kept, water parameters added to the metadata, COCO splits
+    written (the data's own split when it has one, else 70/15/15 from ``seed``)."""
+    from tqdm import tqdm
+
+    from .datasets import split_records
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = list(records)
+    jobs = [
+        (i, str(r.path), str(out / "images" / f"{i:06d}.jpg"), seed, water_type, max_side)
+        for i, r in enumerate(records)
+    ]
+    params: dict[int, dict] = {}
+    workers = max(1, min(workers, os.cpu_count() or 1))
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        results = pool.imap(_wet_one, jobs, chunksize=4) if pool else map(_wet_one, jobs)
+        for index, p in tqdm(results, total=len(jobs), desc="underwater", file=sys.stderr, disable=not progress):
+            params[index] = p
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    wet = [
+        CaptionRecord(
+            r.image_id,
+            (out / "images" / f"{i:06d}.jpg").resolve(),
+            r.captions,
+            {**r.metadata, **params[i], "domain": "underwater", "source": str(r.path)},
+        )
+        for i, r in enumerate(records)
+    ]
+    splits = split_records(wet, seed=seed)
+    for name, recs in splits.items():
+        write_coco(
+            recs,
+            out / f"{name}.json",
+            info={"description": "rendered underwater by reefcap", "seed": seed, "water_type": water_type},
+        )
+    return {"out": str(out), "counts": {k: len(v) for k, v in splits.items()}}
