@@ -19,6 +19,7 @@ from reefcap import __version__
 COMMAND_MODULES = [
     "reefcap.models.cli",
     "reefcap.clients.cli",
+    "reefcap.training.cli",
 ]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
