@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -196,10 +197,8 @@ class DynamicBatcher(Generic[R]):
             remaining = oldest.enqueued + self.max_wait_s - time.monotonic()
             if remaining > 0 and not self._closing and self._compatible(oldest.options) < self.max_batch_size:
                 self._wakeup.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    pass
                 continue
             await self._run(self._take(oldest.options))
 

@@ -28,7 +28,7 @@ class Metrics:
         )
         self.queue_depth = Gauge("reefcap_queue_depth_images", "Images waiting for a batch", registry=r)
         self.queue_wait = Histogram(
-            "reefcap_queue_wait_seconds", "Time an image waited before its batch ran", buckets=LATENCY_BUCKETS, registry=r
+            "reefcap_queue_wait_seconds", "Time an image waited for its batch", buckets=LATENCY_BUCKETS, registry=r
         )
         self.batch_size = Histogram(
             "reefcap_batch_size_images", "Images per inference batch", buckets=BATCH_BUCKETS, registry=r
@@ -64,7 +64,7 @@ class Metrics:
             registry=r,
         )
         self.uiqm = Histogram(
-            "reefcap_input_uiqm_score", "UIQM of input images", buckets=(0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5), registry=r
+            "reefcap_input_uiqm_score", "UIQM of input images", buckets=(0, 0.5, 1, 1.5, 2, 2.5, 3, 4, 5), registry=r
         )
         self.uciqe = Histogram(
             "reefcap_input_uciqe_score",

@@ -69,7 +69,7 @@ def read_manifest(engine: CaptionEngine) -> dict[str, Any]:
 
 
 def degenerate_reason(text: str) -> str | None:
-    """"empty" or "repetition" for a collapsed caption, else None.
+    """ "empty" or "repetition" for a collapsed caption, else None.
 
     Repetition: one word, pair or triple of words repeated three times in a row ("coral coral coral",
     "a fish a fish a fish"), or a caption of 8+ words with fewer than 40% distinct.
