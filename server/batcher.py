@@ -118,12 +118,14 @@ class DynamicBatcher(Generic[R]):
             done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             self._abandon(items, "cancelled")
+            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
         if gathered in done:
             return list(gathered.result())
         reason = "disconnected" if disconnected is not None and disconnected in done else "deadline"
         self._abandon(items, reason)
         gathered.cancel()
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
         if reason == "disconnected":
             raise ClientDisconnectedError("client disconnected")
         raise DeadlineExceededError(f"not captioned within the {timeout_s:g} s deadline")
