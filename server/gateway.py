@@ -175,7 +175,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         if status >= 500 and status not in (503, 504):
             log.exception("unhandled error on %s", request.url.path, exc_info=exc)
             return error_response(status, code, f"internal error ({type(exc).__name__})")
-        return error_response(status, code, str(exc))
+        return error_response(status, code, str(exc), headers)
 
     # Known error families go to ExceptionMiddleware (answered, not re-raised); Exception is the last resort.
     for family in (ReefcapError, BatcherError, ValueError, Exception):

@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 from PIL import Image
-from server_helpers import collapsed_model, copy_model, corrupt_copy, png_bytes
+from server_helpers import collapsed_model, copy_model, corrupt_copy, metric, png_bytes
 
 from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.factory import TinyConfig, init_tiny
@@ -54,17 +54,6 @@ def serve(s: ServerSettings, pool: ModelPool, scenario):
                 return await scenario(client, app)
 
     return asyncio.run(main())
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            head, _, value = line.rpartition(" ")
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total += float(value)
-    return total
 
 
 def test_captions_multipart_json_and_image_to_text(engines, euvp_images, tmp_path):
