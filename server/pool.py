@@ -178,7 +178,10 @@ class ModelPool:
         if self.metrics is None:
             return
         self.metrics.model_info.clear()
-        self.metrics.quality.clear()
+        # Only the manifest gauges are replaced; rolling feedback scores stay.
+        for labels in getattr(self, "_manifest_labels", []):
+            self.metrics.quality.remove(*labels)
+        self._manifest_labels = []
         self.metrics.breaker_open.set(1 if self.circuit_open else 0)
         for slot in (self.primary, self.fallback):
             if slot:
@@ -187,7 +190,9 @@ class ModelPool:
                 for split, values in (slot.manifest.get("metrics") or {}).items():
                     for metric, value in (values or {}).items() if isinstance(values, dict) else ():
                         if isinstance(value, (int, float)):
-                            self.metrics.quality.labels(i.name, metric, "manifest", split).set(value)
+                            labels = (i.name, metric, "manifest", split)
+                            self.metrics.quality.labels(*labels).set(value)
+                            self._manifest_labels.append(labels)
 
     # ---- inference ----------------------------------------------------------------------------
 

@@ -310,3 +310,14 @@ def test_readyz_is_503_until_models_load(tiny_model, tmp_path):
     first, last = asyncio.run(main())
     assert first.status_code == 503 and first.json()["ready"] is False
     assert last.status_code == 200 and last.json()["serving"] == "primary"
+
+
+def test_grafana_dashboard_uses_only_exported_metrics():
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy/grafana/reefcap-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count|total)$", "", n) for e in exprs for n in re.findall(r"reefcap_\w+", e)}
+    exported = {m.name for m in Metrics().registry.collect()}
+    assert used and used <= exported, used - exported
