@@ -64,6 +64,7 @@ class ReloadBody(BaseModel):
 
 def build_pool(settings: ServerSettings, metrics: Metrics) -> ModelPool:
     """Load primary and fallback; a primary that fails to load leaves the fallback serving alone."""
+    set_torch_threads(settings.torch_threads)
     config = EngineConfig(device=settings.device, dtype=settings.dtype, limits=settings.image_limits)
     primary = fallback = None
     primary_error = None
@@ -86,6 +87,15 @@ def build_pool(settings: ServerSettings, metrics: Metrics) -> ModelPool:
         breaker_reset_s=settings.breaker_reset_s,
         primary_error=primary_error,
     )
+
+
+def set_torch_threads(threads: int) -> None:
+    """PyTorch intra-op threads: ``threads``, or with 0 one per core minus one (at least one)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
 
 
 def _b64(data: str, index: int) -> bytes:

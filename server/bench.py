@@ -71,9 +71,15 @@ def _summary(latencies: list[float], wall: float) -> dict[str, float]:
     }
 
 
-def baseline(model: str, images: list[bytes], max_length: int) -> dict[str, float]:
-    """transformers pipeline, one image at a time."""
+def baseline(model: str, images: list[bytes], max_length: int, threads: int | None = None) -> dict[str, float]:
+    """transformers pipeline, one image at a time (with torch's default threads unless ``threads``)."""
     import io
+
+    import torch
+
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
 
     from PIL import Image
     from transformers import pipeline
@@ -88,6 +94,7 @@ def baseline(model: str, images: list[bytes], max_length: int) -> dict[str, floa
         t = time.perf_counter()
         pipe(images=im, text="a picture of", generate_kwargs=kwargs)
         latencies.append(time.perf_counter() - t)
+    torch.set_num_threads(default_threads)
     return _summary(latencies, time.perf_counter() - start)
 
 
@@ -136,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {label}", flush=True)
         base = baseline(model, images[: args.baseline_images], args.max_length)
         print(f"naive baseline (transformers pipeline, 1 image at a time): {base}", flush=True)
+        # The same baseline with one torch thread, as the server uses on this machine: shows how much of the
+        # gain is batching rather than thread settings.
+        base1 = baseline(model, images[: args.baseline_images], args.max_length, threads=1)
+        print(f"naive baseline, torch threads=1: {base1}", flush=True)
 
         port = _free_port()
         cmd = [sys.executable, "-m", "reefcap.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in (1, 8, 32):
                 row = asyncio.run(_load(url, images, c, c * args.requests if c > 1 else 2 * args.requests))
                 row["speedup_vs_baseline"] = round(row["images_per_s"] / base["images_per_s"], 2)
+                row["speedup_vs_baseline_1_thread"] = round(row["images_per_s"] / base1["images_per_s"], 2)
                 rows.append(row)
                 print(f"server ({backend}) {row}", flush=True)
         finally:
@@ -168,13 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(60)
 
     print()
-    print(f"{'':24} {'images/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'x naive':>8}")
-    print(f"{'naive pipeline':24} {base['images_per_s']:9.2f} {base['p50_ms']:9.1f} {base['p99_ms']:9.1f} {1:8.2f}")
+    print(f"{'':26} {'images/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'x naive':>8} {'x naive 1t':>10}")
+    b, b1 = base, base1
+    print(f"{'naive pipeline':26} {b['images_per_s']:9.2f} {b['p50_ms']:9.1f} {b['p99_ms']:9.1f} {1:8.2f}")
+    print(f"{'naive pipeline, 1 thread':26} {b1['images_per_s']:9.2f} {b1['p50_ms']:9.1f} {b1['p99_ms']:9.1f}")
     for r in rows:
         name = f"server c={r['concurrency']}"
-        speed = r["speedup_vs_baseline"]
-        print(f"{name:24} {r['images_per_s']:9.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {speed:8.2f}")
-    result = {"model": label, "backend": backend, "baseline": base, "server": rows, "cpus": os.cpu_count()}
+        s1, s2 = r["speedup_vs_baseline"], r["speedup_vs_baseline_1_thread"]
+        print(f"{name:26} {r['images_per_s']:9.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {s1:8.2f} {s2:10.2f}")
+    result = {"model": label, "backend": backend, "baseline": base, "baseline_1_thread": base1, "server": rows}
+    result["cpus"] = os.cpu_count()
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
