@@ -16,7 +16,7 @@ from reefcap.models.engine import EngineConfig
 from reefcap.models.errors import ReefcapError
 from reefcap.models.registry import resolve_model
 
-from .pool import MANIFEST, ModelPool, load_model, read_manifest
+from .pool import ModelPool, load_model, read_manifest
 
 log = logging.getLogger("reefcap.server")
 TOLERANCE = 1e-9
@@ -86,18 +86,32 @@ class Reloader:
             log.info("primary reloaded: %s %s", info["name"], info["version"])
             return {"swapped": True, "primary": info, "previous": previous, "metrics": candidate.get("metrics", {})}
 
-    async def watch(self, interval_s: float) -> None:
-        """Reload when the primary's folder changes (a new version written in place)."""
+    def _folder(self) -> Path:
         try:
-            folder = resolve_model(self.model).path
+            return resolve_model(self.model).path
         except ReefcapError:
-            folder = Path(self.model)
+            return Path(self.model)
+
+    async def watch(self, interval_s: float) -> None:
+        """Reload when the primary's folder changes (a new version written in place).
+
+        A change is acted on once the folder has stayed the same for one more interval, so a version that is
+        still being copied is not loaded half-written.
+        """
+        folder = self._folder()
         last = folder_signature(folder)
         while True:
             await asyncio.sleep(interval_s)
-            now = folder_signature(folder)
-            if now == last or not (folder / MANIFEST).exists() and not any(folder.glob("*.safetensors")):
+            if self._folder() != folder:  # an admin reload switched to another folder: watch that one
+                folder = self._folder()
+                last = folder_signature(folder)
                 continue
+            now = folder_signature(folder)
+            if now == last:
+                continue
+            await asyncio.sleep(interval_s)
+            if folder_signature(folder) != now:
+                continue  # still being written
             last = now
             try:
                 await self.reload()

@@ -321,3 +321,28 @@ def test_grafana_dashboard_uses_only_exported_metrics():
     used = {re.sub(r"_(bucket|sum|count|total)$", "", n) for e in exprs for n in re.findall(r"reefcap_\w+", e)}
     exported = {m.name for m in Metrics().registry.collect()}
     assert used and used <= exported, used - exported
+
+
+def test_new_version_in_the_model_folder_is_hot_reloaded(varied_model, tmp_path):
+    folder = copy_model(varied_model, tmp_path / "watched", {"underwater": {"CIDEr": 0.5}})
+    s = settings(tmp_path, model=str(folder), fallback=None, backend="torch", device="cpu", reload_poll_s=0.1)
+    pool = build_pool(s, Metrics())
+
+    async def scenario(client, app):
+        await asyncio.sleep(0.3)
+        (folder / "manifest.json").write_text(json.dumps({"metrics": {"underwater": {"CIDEr": 0.4}}}))  # worse
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if metric((await client.get("/metrics")).text, "reefcap_reloads_total", result="rejected") == 1:
+                break
+        (folder / "manifest.json").write_text(json.dumps({"metrics": {"underwater": {"CIDEr": 0.6}}}))  # better
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            text = (await client.get("/metrics")).text
+            if metric(text, "reefcap_reloads_total", result="swapped") == 1:
+                break
+        assert metric(text, "reefcap_reloads_total", result="rejected") == 1
+        assert metric(text, "reefcap_caption_quality_score", model="watched", metric="CIDEr") == 0.6
+        assert (await client.post("/v1/image-to-text", content=png_bytes())).status_code == 200
+
+    serve(s, pool, scenario)
