@@ -9,6 +9,7 @@ import json
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 from server_helpers import collapsed_model, copy_model, corrupt_copy, metric, png_bytes
 
@@ -40,6 +41,8 @@ def engines(varied_model, tiny_model, tmp_path_factory):
 def settings(tmp_path, **kw) -> ServerSettings:
     kw.setdefault("feedback_db", tmp_path / "feedback.sqlite3")
     kw.setdefault("max_wait_ms", 20)
+    # build_pool sets torch's thread count process-wide; keep the test process's own setting.
+    kw.setdefault("torch_threads", torch.get_num_threads())
     return ServerSettings(_env_file=None, **kw)
 
 
@@ -229,17 +232,19 @@ def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
 
     async def scenario(client, app):
         served = []
-        for p in euvp_images[:3]:
+        for p in euvp_images[:8]:
             body = (
                 await client.post("/v1/captions", files=[("images", (p.name, p.read_bytes(), "image/jpeg"))])
             ).json()
-            served.append((body["request_id"], body["results"][0]["caption"]))
-        # Perfect references for the first image, unrelated ones for the others.
+            served.append((body["request_id"], body["results"][0]["caption"], p))
+        # BLEU-4 needs four words: the first caption that long gets itself as reference, two others unrelated ones.
+        served = sorted(served, key=lambda s: len(s[1].split()) < 4)[:3]
+        assert len(served[0][1].split()) >= 4, served
         r = await client.post("/v1/feedback", json={"request_id": served[0][0], "references": [served[0][1]]})
         assert r.status_code == 200, r.text
         perfect = r.json()["rolling"]
         assert perfect["images"] == 1 and perfect["Bleu_4"] > 0.5
-        for rid, _ in served[1:]:
+        for rid, _, _ in served[1:]:
             refs = ["a green sea turtle swimming over a coral reef", "a turtle above the reef"]
             assert (await client.post("/v1/feedback", json={"request_id": rid, "references": refs})).status_code == 200
         text = (await client.get("/metrics")).text
@@ -260,7 +265,7 @@ def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
     assert len(doc["images"]) == 3 and len(doc["annotations"]) == 5
     records = load_dataset(out / "captions.json")  # the training pipeline's own loader reads it back
     assert len(records) == 3 and records[0].captions == (served[0][1],)
-    assert Image.open(records[0].path).size == Image.open(euvp_images[0]).size
+    assert Image.open(records[0].path).size == Image.open(served[0][2]).size
 
 
 def test_reload_quality_gate(engines, varied_model, tmp_path):
