@@ -49,23 +49,34 @@ def load_model(model: str, backend: str, config: EngineConfig) -> CaptionEngine:
     if backend != "auto":
         return load_engine(model, backend, config)
     first = fastest_backend()
+    if first == "torch":
+        return load_engine(model, "torch", config)
     try:
         return load_engine(model, first, config)
-    except ModelLoadError:
-        if first == "torch":
-            raise
-        log.warning("%s: %s backend could not load it; using torch", model, first)
+    except Exception as exc:  # e.g. no export possible for this checkpoint: PyTorch still serves it
+        log.warning("%s: %s backend could not load it (%s); using torch", model, first, exc)
         return load_engine(model, "torch", config)
 
 
-def read_manifest(engine: CaptionEngine) -> dict[str, Any]:
-    """The model folder's ``manifest.json`` (evaluation metrics per split), or {} when absent or unreadable."""
-    path = Path(engine.describe().source) / MANIFEST
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_manifest(engine: CaptionEngine) -> dict[str, Any]:
+    """The model's ``manifest.json`` (evaluation metrics per split), or {} when absent or unreadable.
+
+    An ONNX export folder has a manifest of its own naming the checkpoint it came from; the evaluation
+    lives with that checkpoint.
+    """
+    data = _read_json(Path(engine.describe().source) / MANIFEST)
+    origin = data.get("source")
+    if "metrics" not in data and isinstance(origin, dict) and isinstance(origin.get("path"), str):
+        data = _read_json(Path(origin["path"]) / MANIFEST)
+    return data
 
 
 def degenerate_reason(text: str) -> str | None:

@@ -351,3 +351,25 @@ def test_new_version_in_the_model_folder_is_hot_reloaded(varied_model, tmp_path)
         assert (await client.post("/v1/image-to-text", content=png_bytes())).status_code == 200
 
     serve(s, pool, scenario)
+
+
+def test_fastest_backend_prefers_an_importable_onnx(monkeypatch):
+    from reefcap.models import backends
+    from reefcap.server.pool import fastest_backend
+
+    monkeypatch.delitem(backends.BACKENDS, "onnx", raising=False)
+    assert fastest_backend() == "torch"
+    monkeypatch.setitem(backends.BACKENDS, "onnx", "reefcap.models.no_such_module:Engine")
+    assert fastest_backend() == "torch"  # registered but its module does not import
+    monkeypatch.setitem(backends.BACKENDS, "onnx", "reefcap.models.torch_engine:TorchCaptionEngine")
+    assert fastest_backend() == "onnx"
+
+
+def test_manifest_of_an_export_folder_points_to_its_checkpoint(varied_model, tmp_path):
+    from reefcap.server.pool import read_manifest
+
+    checkpoint = copy_model(varied_model, tmp_path / "ckpt", {"underwater": {"CIDEr": 0.9}})
+    export = copy_model(varied_model, tmp_path / "export")
+    (export / "manifest.json").write_text(json.dumps({"precision": "fp32", "source": {"path": str(checkpoint)}}))
+    engine = TorchCaptionEngine.load(str(export), CPU)
+    assert read_manifest(engine)["metrics"] == {"underwater": {"CIDEr": 0.9}}
