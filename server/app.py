@@ -22,7 +22,7 @@ from .feedback import FeedbackStore
 from .gateway import ApiError, Gateway, install_error_handlers, parse_json
 from .metrics import Metrics
 from .page import PAGE
-from .pool import ModelPool, load_model
+from .pool import ModelPool, checkpoint_manifest, load_model
 from .reload import Reloader
 from .service import CaptionService
 from .settings import ServerSettings
@@ -86,6 +86,7 @@ def build_pool(settings: ServerSettings, metrics: Metrics) -> ModelPool:
         breaker_failures=settings.breaker_failures,
         breaker_reset_s=settings.breaker_reset_s,
         primary_error=primary_error,
+        manifests=(checkpoint_manifest(settings.model), checkpoint_manifest(settings.fallback or "")),
     )
 
 

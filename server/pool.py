@@ -28,6 +28,7 @@ from PIL import Image
 from reefcap.models.backends import BACKENDS, engine_class, load_engine
 from reefcap.models.engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
 from reefcap.models.errors import ModelLoadError, ReefcapError
+from reefcap.models.registry import resolve_model
 
 log = logging.getLogger("reefcap.server")
 MANIFEST = "manifest.json"
@@ -64,6 +65,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def checkpoint_manifest(model: str) -> dict[str, Any]:
+    """The ``manifest.json`` of the checkpoint ``model`` resolves to (whatever backend runs it), or {}."""
+    try:
+        return _read_json(resolve_model(model).path / MANIFEST)
+    except ReefcapError:
+        return {}
 
 
 def read_manifest(engine: CaptionEngine) -> dict[str, Any]:
@@ -109,11 +118,11 @@ class Served:
 class _Slot:
     """A loaded engine with its own inference thread."""
 
-    def __init__(self, engine: CaptionEngine, role: str) -> None:
+    def __init__(self, engine: CaptionEngine, role: str, manifest: dict[str, Any] | None = None) -> None:
         self.engine = engine
         self.role = role
         self.info = engine.describe()
-        self.manifest = read_manifest(engine)
+        self.manifest = manifest if manifest else read_manifest(engine)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reefcap-{role}")
         self.busy = 0  # batches submitted and not finished (an overrun keeps this above zero)
 
@@ -133,10 +142,13 @@ class ModelPool:
         breaker_failures: int = 5,
         breaker_reset_s: float = 30.0,
         primary_error: str | None = None,
+        manifests: tuple[dict | None, dict | None] = (None, None),
     ) -> None:
+        """``manifests``: the checkpoints' manifest.json for primary and fallback, when the caller resolved them
+        (an engine's own folder may be an export cache); otherwise each engine's folder is read."""
         self.metrics = metrics
-        self.primary = _Slot(primary, "primary") if primary else None
-        self.fallback = _Slot(fallback, "fallback") if fallback else None
+        self.primary = _Slot(primary, "primary", manifests[0]) if primary else None
+        self.fallback = _Slot(fallback, "fallback", manifests[1]) if fallback else None
         self.primary_error = primary_error  # why the primary is not loaded, for /readyz
         self.primary_timeout_s = primary_timeout_s
         self.breaker_failures = breaker_failures
@@ -174,9 +186,9 @@ class ModelPool:
                 out.append({"role": slot.role, **slot.info.to_dict(), "metrics": slot.manifest.get("metrics", {})})
         return out
 
-    def swap_primary(self, engine: CaptionEngine) -> None:
+    def swap_primary(self, engine: CaptionEngine, manifest: dict[str, Any] | None = None) -> None:
         """Make ``engine`` the primary. Batches already running finish on the old one."""
-        new = _Slot(engine, "primary")
+        new = _Slot(engine, "primary", manifest)
         with self._lock:
             old, self.primary = self.primary, new
             self.primary_error = None

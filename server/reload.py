@@ -16,7 +16,7 @@ from reefcap.models.engine import EngineConfig
 from reefcap.models.errors import ReefcapError
 from reefcap.models.registry import resolve_model
 
-from .pool import ModelPool, load_model, read_manifest
+from .pool import ModelPool, checkpoint_manifest, load_model, read_manifest
 
 log = logging.getLogger("reefcap.server")
 TOLERANCE = 1e-9
@@ -71,7 +71,7 @@ class Reloader:
             except ReefcapError:
                 self.metrics.reloads.labels("load_failed").inc()
                 raise
-            candidate = read_manifest(engine)
+            candidate = checkpoint_manifest(target) or read_manifest(engine)
             current = self.pool.primary.manifest if self.pool.primary else {}
             problems = quality_gate(candidate, current)
             if problems:
@@ -79,7 +79,7 @@ class Reloader:
                 self.metrics.reloads.labels("rejected").inc()
                 raise QualityGateError("quality gate: " + "; ".join(problems))
             previous = self.pool.primary.info.to_dict() if self.pool.primary else None
-            self.pool.swap_primary(engine)
+            self.pool.swap_primary(engine, candidate)
             self.model = target
             self.metrics.reloads.labels("swapped").inc()
             info = engine.describe().to_dict()
