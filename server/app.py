@@ -64,7 +64,7 @@ class ReloadBody(BaseModel):
 
 def build_pool(settings: ServerSettings, metrics: Metrics) -> ModelPool:
     """Load primary and fallback; a primary that fails to load leaves the fallback serving alone."""
-    set_torch_threads(settings.torch_threads)
+    set_inference_threads(settings.inference_threads)
     config = EngineConfig(device=settings.device, dtype=settings.dtype, limits=settings.image_limits)
     primary = fallback = None
     primary_error = None
@@ -90,13 +90,16 @@ def build_pool(settings: ServerSettings, metrics: Metrics) -> ModelPool:
     )
 
 
-def set_torch_threads(threads: int) -> None:
-    """PyTorch intra-op threads: ``threads``, or with 0 one per core minus one (at least one)."""
+def set_inference_threads(threads: int) -> None:
+    """Intra-op threads of PyTorch and (unless REEFCAP_ORT_THREADS says otherwise) of the ONNX backend:
+    ``threads``, or with 0 one per core minus one (at least one)."""
     import os
 
     import torch
 
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
+    n = threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(n)
+    os.environ.setdefault("REEFCAP_ORT_THREADS", str(n))  # read by the onnx backend when it loads
 
 
 def _b64(data: str, index: int) -> bytes:

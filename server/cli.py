@@ -13,7 +13,7 @@ FLAGS = [  # (flag, settings field, type, help)
     ("--backend", "backend", str, "torch | onnx | auto (default: the fastest available)"),
     ("--device", "device", str, "auto | cpu | cuda[:N]"),
     ("--dtype", "dtype", str, "fp32 | bf16 | fp16"),
-    ("--torch-threads", "torch_threads", int, "PyTorch intra-op threads (0: cores minus one)"),
+    ("--inference-threads", "inference_threads", int, "PyTorch / ONNX Runtime threads (0: cores minus one)"),
     ("--max-batch-size", "max_batch_size", int, "largest inference batch (images)"),
     ("--max-wait-ms", "max_wait_ms", float, "longest wait of the oldest queued image before its batch runs"),
     ("--max-queue", "max_queue", int, "queued images beyond which requests get 503"),

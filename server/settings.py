@@ -26,9 +26,9 @@ class ServerSettings(BaseSettings):
     backend: str = "auto"  # auto = the fastest registered backend that imports (onnx, else torch)
     device: str = "auto"
     dtype: str = "fp32"
-    # Intra-op threads for PyTorch. 0 = one per core minus one, kept for decoding and HTTP: on a small shared
-    # CPU, OpenMP threads fighting the decoding threads made batches up to 20x slower than one thread.
-    torch_threads: int = Field(0, ge=0)
+    # Intra-op threads for PyTorch and ONNX Runtime. 0 = one per core minus one, kept for decoding and HTTP:
+    # on a small shared CPU, inference threads fighting the decoding threads made batches up to 20x slower.
+    inference_threads: int = Field(0, ge=0)
 
     # The dynamic batcher's two knobs, its queue bound and the per-request deadline.
     max_batch_size: int = Field(16, ge=1, le=256)

@@ -42,7 +42,7 @@ def settings(tmp_path, **kw) -> ServerSettings:
     kw.setdefault("feedback_db", tmp_path / "feedback.sqlite3")
     kw.setdefault("max_wait_ms", 20)
     # build_pool sets torch's thread count process-wide; keep the test process's own setting.
-    kw.setdefault("torch_threads", torch.get_num_threads())
+    kw.setdefault("inference_threads", torch.get_num_threads())
     return ServerSettings(_env_file=None, **kw)
 
 
