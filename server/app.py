@@ -62,23 +62,29 @@ class ReloadBody(BaseModel):
     model: str | None = None
 
 
-def build_pool(settings: ServerSettings, metrics: Metrics) -> ModelPool:
-    """Load primary and fallback; a primary that fails to load leaves the fallback serving alone."""
+def build_pool(settings: ServerSettings, metrics: Metrics, log_if_any: bool = False) -> ModelPool:
+    """Load primary and fallback; a primary that fails to load leaves the fallback serving alone.
+
+    With ``log_if_any`` load failures are logged only when some model loaded (the caller reports the rest).
+    """
     set_inference_threads(settings.inference_threads)
     config = EngineConfig(device=settings.device, dtype=settings.dtype, limits=settings.image_limits)
     primary = fallback = None
-    primary_error = None
+    primary_error = fallback_error = None
     try:
         primary = load_model(settings.model, settings.backend, config)
     except Exception as exc:  # missing or corrupt: say why in /readyz, serve with the fallback
         primary_error = f"{type(exc).__name__}: {exc}"
-        log.error("primary model %s not loaded: %s", settings.model, exc)
     if settings.fallback:
         try:
             fallback = load_model(settings.fallback, settings.backend, config)
         except Exception as exc:
-            log.error("fallback model %s not loaded: %s", settings.fallback, exc)
-    return ModelPool(
+            fallback_error = f"{type(exc).__name__}: {exc}"
+    if primary_error and (fallback or not log_if_any):
+        log.error("primary model %s not loaded: %s", settings.model, primary_error)
+    if fallback_error and (primary or not log_if_any):
+        log.error("fallback model %s not loaded: %s", settings.fallback, fallback_error)
+    pool = ModelPool(
         primary,
         fallback,
         metrics,
@@ -88,6 +94,8 @@ def build_pool(settings: ServerSettings, metrics: Metrics) -> ModelPool:
         primary_error=primary_error,
         manifests=(checkpoint_manifest(settings.model), checkpoint_manifest(settings.fallback or "")),
     )
+    pool.fallback_error = fallback_error
+    return pool
 
 
 def set_inference_threads(threads: int) -> None:

@@ -45,9 +45,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise ReefcapError(f"invalid settings: {' '.join(str(exc).split())}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Load before binding the port: with no model at all the command fails at once with one line.
-    pool = build_pool(settings, Metrics())
+    pool = build_pool(settings, Metrics(), log_if_any=True)
     if not pool.ready:
-        fallback = f"fallback {settings.fallback!r}" if settings.fallback else "no fallback configured"
+        fallback = f"fallback {settings.fallback!r} ({pool.fallback_error})" if settings.fallback else "no fallback"
         raise ReefcapError(
             f"no model could be loaded: primary {settings.model!r} ({pool.primary_error}); {fallback}. "
             "Pass --model DIR (e.g. one written by `reefcap model init --kind tiny --out DIR`)."

@@ -150,6 +150,7 @@ class ModelPool:
         self.primary = _Slot(primary, "primary", manifests[0]) if primary else None
         self.fallback = _Slot(fallback, "fallback", manifests[1]) if fallback else None
         self.primary_error = primary_error  # why the primary is not loaded, for /readyz
+        self.fallback_error: str | None = None
         self.primary_timeout_s = primary_timeout_s
         self.breaker_failures = breaker_failures
         self.breaker_reset_s = breaker_reset_s
@@ -176,6 +177,7 @@ class ModelPool:
             "primary": self.primary.info.to_dict() if self.primary else None,
             "primary_error": self.primary_error,
             "fallback": self.fallback.info.to_dict() if self.fallback else None,
+            "fallback_error": self.fallback_error,
             "circuit_open": self.circuit_open,
         }
 
