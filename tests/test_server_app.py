@@ -373,3 +373,43 @@ def test_manifest_of_an_export_folder_points_to_its_checkpoint(varied_model, tmp
     (export / "manifest.json").write_text(json.dumps({"precision": "fp32", "source": {"path": str(checkpoint)}}))
     engine = TorchCaptionEngine.load(str(export), CPU)
     assert read_manifest(engine)["metrics"] == {"underwater": {"CIDEr": 0.9}}
+
+
+def test_deadline_504_cors_off_by_default_and_on_when_set(engines, tmp_path):
+    pool = ModelPool(engines["tiny"], None)
+
+    async def deadline(client, app):
+        r = await client.post("/v1/image-to-text", content=png_bytes())
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        r = await client.options("/v1/captions", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+        text = (await client.get("/metrics")).text
+        assert metric(text, "reefcap_dropped_images_total", reason="deadline") == 1
+
+    # The lone image waits up to 2 s for company; its deadline is 0.2 s.
+    serve(settings(tmp_path, request_timeout_s=0.2, max_wait_ms=2000), pool, deadline)
+
+    async def cors(client, app):
+        headers = {"Origin": "http://ok.example", "Access-Control-Request-Method": "POST"}
+        r = await client.options("/v1/captions", headers=headers)
+        assert r.headers["access-control-allow-origin"] == "http://ok.example"
+
+    serve(settings(tmp_path / "c", cors_origins="http://ok.example"), ModelPool(engines["tiny"], None), cors)
+
+
+def test_multipart_options_and_export_without_database(engines, tmp_path, capsys):
+    from reefcap.cli import main
+
+    pool = ModelPool(engines["varied"], None)
+
+    async def scenario(client, app):
+        files = [("images", ("a.png", png_bytes(), "image/png"))]
+        r = await client.post("/v1/captions", files=files, data={"options": json.dumps({"max_length": 7})})
+        assert r.status_code == 200 and r.json()["results"][0]["tokens"] <= 3  # 7 minus the 4 prompt tokens
+        r = await client.post("/v1/captions", files=files, data={"options": json.dumps({"beams": 2})})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+
+    serve(settings(tmp_path), pool, scenario)
+    assert main(["feedback", "export", "--db", str(tmp_path / "none.sqlite3"), "--out", str(tmp_path / "o")]) == 2
+    assert "no feedback database" in capsys.readouterr().err
