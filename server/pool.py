@@ -125,6 +125,7 @@ class _Slot:
         self.manifest = manifest if manifest else read_manifest(engine)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reefcap-{role}")
         self.busy = 0  # batches submitted and not finished (an overrun keeps this above zero)
+        self.busy_lock = threading.Lock()  # busy changes on the event loop and on the engine's thread
 
     def close(self) -> None:
         self.executor.shutdown(wait=False)
@@ -229,9 +230,11 @@ class ModelPool:
             try:
                 return slot.engine.caption(images, options)
             finally:
-                slot.busy -= 1
+                with slot.busy_lock:
+                    slot.busy -= 1
 
-        slot.busy += 1
+        with slot.busy_lock:
+            slot.busy += 1
         fut = loop.run_in_executor(slot.executor, work)
         if slot.role == "primary":
             # shield: on a timeout the primary keeps running in its thread; we stop waiting for it.
@@ -245,7 +248,9 @@ class ModelPool:
     def _primary_failed(self) -> None:
         with self._lock:
             self._failures += 1
-            if self._failures >= self.breaker_failures:
+            # Half-open: the first batch after the breaker's pause failed too, so it opens again at once.
+            half_open = self._open_until > 0
+            if self._failures >= self.breaker_failures or half_open:
                 self._open_until = time.monotonic() + self.breaker_reset_s
                 self._failures = 0
                 log.warning("primary failed %d times in a row: circuit open", self.breaker_failures)
@@ -255,6 +260,7 @@ class ModelPool:
     def _primary_ok(self) -> None:
         with self._lock:
             self._failures = 0
+            self._open_until = 0.0  # closed again
         if self.metrics is not None:
             self.metrics.breaker_open.set(0)
 

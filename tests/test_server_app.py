@@ -205,6 +205,23 @@ def test_fallback_reasons_and_circuit_breaker(engines, euvp_images, tmp_path):
     pool = ModelPool(engines["varied"], engines["tiny"], primary_timeout_s=0.001)
     serve(settings(tmp_path / "c"), pool, overrun)
 
+    async def half_open(client, app):
+        async def reason():
+            r = await client.post("/v1/image-to-text", content=data)
+            assert r.status_code == 200
+            text = (await client.get("/metrics")).text
+            return {k: metric(text, "reefcap_fallbacks_total", reason=k) for k in ("primary_error", "circuit_open")}
+
+        assert await reason() == {"primary_error": 1, "circuit_open": 0}
+        assert await reason() == {"primary_error": 2, "circuit_open": 0}  # opens the breaker
+        assert await reason() == {"primary_error": 2, "circuit_open": 1}
+        await asyncio.sleep(0.6)  # past breaker_reset_s: one batch tries the primary again, fails, reopens
+        assert await reason() == {"primary_error": 3, "circuit_open": 1}
+        assert await reason() == {"primary_error": 3, "circuit_open": 2}
+
+    pool = ModelPool(engines["short"], engines["tiny"], breaker_failures=2, breaker_reset_s=0.5)
+    serve(settings(tmp_path / "d"), pool, half_open)
+
 
 def test_corrupt_primary_at_start_serves_fallback(tiny_model, tmp_path):
     bad = corrupt_copy(tiny_model, tmp_path / "broken")
