@@ -7,7 +7,7 @@ EXTRAS ?= test,train,ray
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test test-slow lint format serve clean
+.PHONY: install test test-slow lint format serve bench-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ format: install
 
 serve: install
 	$(VENV)/bin/reefcap serve --host $(HOST) --port $(PORT)
+
+# The caption server under load (concurrency 1, 8, 32) against a transformers pipeline, in one run.
+bench-server: install
+	$(PY) -m reefcap.server.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

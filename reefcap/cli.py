@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "reefcap.models.cli",
     "reefcap.clients.cli",
     "reefcap.training.cli",
+    "reefcap.server.cli",
 ]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3

@@ -1,0 +1,90 @@
+"""`reefcap serve` and `reefcap feedback export`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+FLAGS = [  # (flag, settings field, type, help)
+    ("--host", "host", str, "address to bind (default 127.0.0.1; `make serve` uses 0.0.0.0)"),
+    ("--port", "port", int, "port (default 8000)"),
+    ("--model", "model", str, "primary model: zoo name, local directory or hub id (default reefscenes-tiny-damf)"),
+    ("--fallback", "fallback", str, "fallback model (default reefscenes-tiny; 'none' for no fallback)"),
+    ("--backend", "backend", str, "torch | onnx | auto (default: the fastest available)"),
+    ("--device", "device", str, "auto | cpu | cuda[:N]"),
+    ("--dtype", "dtype", str, "fp32 | bf16 | fp16"),
+    ("--inference-threads", "inference_threads", int, "PyTorch / ONNX Runtime threads (0: cores minus one)"),
+    ("--max-batch-size", "max_batch_size", int, "largest inference batch (images)"),
+    ("--max-wait-ms", "max_wait_ms", float, "longest wait of the oldest queued image before its batch runs"),
+    ("--max-queue", "max_queue", int, "queued images beyond which requests get 503"),
+    ("--request-timeout-s", "request_timeout_s", float, "per-request deadline (504 after it)"),
+    ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (not on /, health and metrics)"),
+    ("--feedback-db", "feedback_db", str, "SQLite file for served captions and feedback"),
+    ("--reload-poll-s", "reload_poll_s", float, "watch the primary's folder every N s and hot-reload (0: off)"),
+    ("--log-level", "log_level", str, "uvicorn log level"),
+]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from reefcap.models.errors import ReefcapError
+
+    from .app import build_pool, create_app
+    from .metrics import Metrics
+    from .settings import ServerSettings
+
+    overrides = {field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field) is not None}
+    if str(overrides.get("fallback", "")).lower() == "none":
+        overrides["fallback"] = None
+    try:
+        settings = ServerSettings(**overrides)
+    except Exception as exc:  # pydantic ValidationError: name the bad setting on one line
+        raise ReefcapError(f"invalid settings: {' '.join(str(exc).split())}") from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Load before binding the port: with no model at all the command fails at once with one line.
+    pool = build_pool(settings, Metrics(), log_if_any=True)
+    if not pool.ready:
+        fallback = f"fallback {settings.fallback!r} ({pool.fallback_error})" if settings.fallback else "no fallback"
+        raise ReefcapError(
+            f"no model could be loaded: primary {settings.model!r} ({pool.primary_error}); {fallback}. "
+            "Pass --model DIR (e.g. one written by `reefcap model init --kind tiny --out DIR`)."
+        )
+    app = create_app(settings, pool)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .feedback import FeedbackStore, open_store_readonly_check
+    from .settings import ServerSettings
+
+    db = open_store_readonly_check(args.db or ServerSettings().feedback_db)
+    store = FeedbackStore(db)
+    try:
+        print(json.dumps(store.export(args.out)))
+    finally:
+        store.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the caption HTTP server (settings also from REEFCAP_* variables)")
+    for flag, field, kind, text in FLAGS:
+        serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    serve.set_defaults(handler=_serve)
+
+    feedback = sub.add_parser("feedback", help="reference captions collected by the server")
+    fsub = feedback.add_subparsers(dest="feedback_command", metavar="ACTION", required=True)
+    export = fsub.add_parser("export", help="write feedback as a COCO-captions training set")
+    export.add_argument("--out", required=True, help="directory to write (captions.json + images/)")
+    export.add_argument("--db", help="feedback database (default: REEFCAP_FEEDBACK_DB or reefcap-feedback.sqlite3)")
+    export.set_defaults(handler=_export)

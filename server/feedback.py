@@ -1,0 +1,188 @@
+"""Reference captions from users, kept durably in SQLite (WAL), scored and exported for training.
+
+Every captioned image is stored with its caption (``served``), newest ``retain`` kept, plus any image that
+has feedback (those are never pruned). ``POST /v1/feedback`` adds references for a served request id.
+Rolling BLEU-4 and CIDEr per model are computed with pycocoevalcap over the latest ``window`` images with
+references; ``export`` writes the images and references as a COCO-captions training set.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from reefcap.models.errors import ReefcapError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS served (
+    request_id TEXT NOT NULL, idx INTEGER NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+    caption TEXT NOT NULL, fallback_reason TEXT, image BLOB NOT NULL, ext TEXT NOT NULL,
+    width INTEGER NOT NULL, height INTEGER NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (request_id, idx)
+);
+CREATE INDEX IF NOT EXISTS served_created ON served (created);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, idx INTEGER NOT NULL,
+    reference TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_item ON feedback (request_id, idx);
+"""
+# Served images are stored as sent when small, else re-encoded: training pipelines resize far below this.
+MAX_STORED_BYTES = 1 << 20
+MAX_STORED_SIDE = 1024
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+class UnknownRequestError(ReefcapError):
+    """Feedback named a request id (or image index) this server never served or no longer keeps."""
+
+    code = "unknown_request"
+
+
+def _tokens(text: str) -> str:
+    """Lower-case words without punctuation: the PTB tokenizer's effect on captions, without starting Java."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def stored_image(data: bytes, image: Image.Image) -> tuple[bytes, str]:
+    """The bytes to keep for a served image and their file extension."""
+    fmt = (Image.open(io.BytesIO(data)).format or "").upper() if data else ""
+    if data and len(data) <= MAX_STORED_BYTES and fmt in ("JPEG", "PNG", "WEBP"):
+        return data, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+    small = image.copy()
+    small.thumbnail((MAX_STORED_SIDE, MAX_STORED_SIDE))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=92)
+    return buf.getvalue(), "jpg"
+
+
+class FeedbackStore:
+    """Thread-safe SQLite store; callers on the event loop use it through ``asyncio.to_thread``."""
+
+    def __init__(self, path: str | Path, retain: int = 20_000) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.retain = retain
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+        self._db.executescript(SCHEMA)
+        self._inserts = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def record_served(self, request_id: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Keep served images: dicts of idx, model, version, caption, fallback_reason, image, ext, width, height."""
+        now = time.time()
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO served VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (request_id, r["idx"], r["model"], r["version"], r["caption"], r.get("fallback_reason"))
+                    + (r["image"], r["ext"], r["width"], r["height"], now)
+                    for r in rows
+                ],
+            )
+            self._inserts += len(rows)
+            if self._inserts >= 256:
+                self._inserts = 0
+                self._prune()
+
+    def _prune(self) -> None:
+        self._db.execute(
+            "DELETE FROM served WHERE created < (SELECT created FROM served ORDER BY created DESC LIMIT 1 OFFSET ?) "
+            "AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.request_id = served.request_id AND f.idx = served.idx)",
+            (self.retain,),
+        )
+
+    def add(self, request_id: str, idx: int, references: Sequence[str]) -> str:
+        """Store references for one served image; returns the model that captioned it."""
+        with self._lock, self._db:
+            row = self._db.execute(
+                "SELECT model FROM served WHERE request_id = ? AND idx = ?", (request_id, idx)
+            ).fetchone()
+            if row is None:
+                raise UnknownRequestError(f"no served image {idx} for request id {request_id!r}")
+            now = time.time()
+            self._db.executemany(
+                "INSERT INTO feedback (request_id, idx, reference, created) VALUES (?,?,?,?)",
+                [(request_id, idx, ref, now) for ref in references],
+            )
+        return row[0]
+
+    def pairs(self, model: str, window: int) -> list[tuple[str, list[str]]]:
+        """(served caption, references) for the latest ``window`` images of ``model`` with feedback."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.request_id, s.idx, s.caption, f.reference FROM served s JOIN feedback f "
+                "ON f.request_id = s.request_id AND f.idx = s.idx WHERE s.model = ? ORDER BY s.created DESC",
+                (model,),
+            ).fetchall()
+        grouped: dict[tuple[str, int], tuple[str, list[str]]] = {}
+        for rid, idx, caption, ref in rows:
+            if (rid, idx) not in grouped and len(grouped) >= window:
+                continue
+            grouped.setdefault((rid, idx), (caption, []))[1].append(ref)
+        return list(grouped.values())
+
+    def rolling_scores(self, model: str, window: int) -> dict[str, float]:
+        """BLEU-4 and CIDEr (pycocoevalcap) of the model's served captions against the references."""
+        pairs = self.pairs(model, window)
+        if not pairs:
+            return {}
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+
+        res = {i: [_tokens(c) or "_"] for i, (c, _) in enumerate(pairs)}
+        gts = {i: [_tokens(r) or "_" for r in refs] for i, (_, refs) in enumerate(pairs)}
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        cider, _ = Cider().compute_score(gts, res)
+        return {"Bleu_4": float(bleu[3]), "CIDEr": float(cider), "images": float(len(pairs))}
+
+    def models_with_feedback(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT s.model FROM served s JOIN feedback f ON f.request_id = s.request_id AND f.idx = s.idx"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def export(self, out: str | Path) -> dict[str, Any]:
+        """Write every image with references as a COCO-captions set: ``out/captions.json`` + ``out/images/``."""
+        from reefcap.training.datasets import CaptionRecord, write_coco
+
+        out = Path(out)
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.request_id, s.idx, s.model, s.version, s.caption, s.image, s.ext, s.width, s.height, "
+                "group_concat(f.reference, char(31)) FROM served s JOIN feedback f ON f.request_id = s.request_id "
+                "AND f.idx = s.idx GROUP BY s.request_id, s.idx ORDER BY min(f.id)"
+            ).fetchall()
+        records = []
+        for n, (rid, idx, model, version, caption, blob, ext, w, h, refs) in enumerate(rows, 1):
+            path = out / "images" / f"{rid}-{idx}.{ext}"
+            path.write_bytes(blob)
+            meta = {"request_id": rid, "index": idx, "model": model, "version": version, "served_caption": caption}
+            meta.update(width=w, height=h)
+            records.append(CaptionRecord(n, path.resolve(), tuple(refs.split("\x1f")), meta))
+        write_coco(records, out / "captions.json", info={"description": "reefcap feedback export"})
+        return {"images": len(records), "annotations": sum(len(r.captions) for r in records), "out": str(out)}
+
+
+def open_store_readonly_check(path: str | Path) -> Path:
+    """The database path, or a clear error when it does not exist (export never creates an empty one)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReefcapError(f"{p}: no feedback database (set --db or REEFCAP_FEEDBACK_DB)")
+    return p

@@ -1,0 +1,189 @@
+"""What every request passes before a route: request id, API key, body size limit, metrics, JSON errors.
+
+A pure ASGI middleware (no BaseHTTPMiddleware) so that route handlers still see the client's real
+``receive`` channel, which is how they notice a disconnect.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from reefcap.models.errors import (
+    ImageError,
+    ImageTooLargeError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ReefcapError,
+    UnsupportedImageFormatError,
+)
+
+from .batcher import BatcherError, ClientDisconnectedError, DeadlineExceededError, QueueFullError, ShuttingDownError
+from .feedback import UnknownRequestError
+
+log = logging.getLogger("reefcap.server")
+PUBLIC_PATHS = {"/", "/healthz", "/readyz", "/metrics"}  # no API key needed
+ENDPOINTS = {
+    "/",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/models",
+    "/v1/captions",
+    "/v1/image-to-text",
+    "/v1/feedback",
+    "/v1/admin/reload",
+}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with the given status."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+class BodyTooLargeError(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class Gateway:
+    """ASGI middleware: request id header, bearer key, request size limit, request metrics."""
+
+    def __init__(self, app: Any, settings: Any, metrics: Any) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        start = time.perf_counter()
+        status_box = {"status": 500}
+
+        async def send_wrapped(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status_box["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            refusal = self._refuse(scope, path)
+            if refusal is not None:
+                await refusal(scope, receive, send_wrapped)
+                return
+            limit, seen = self.settings.max_request_bytes, 0
+
+            async def receive_limited() -> dict:
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise BodyTooLargeError(limit)
+                return message
+
+            await self.app(scope, receive_limited, send_wrapped)
+        finally:
+            status = str(status_box["status"])
+            self.metrics.requests.labels(endpoint, status).inc()
+            self.metrics.request_seconds.labels(endpoint, status).observe(time.perf_counter() - start)
+
+    def _refuse(self, scope: dict, path: str) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = self.settings.api_key
+        if key and path not in PUBLIC_PATHS and scope.get("method") != "OPTIONS":
+            given = headers.get("authorization", "")
+            if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+                return error_response(
+                    401, "unauthorized", "missing or wrong API key", {"WWW-Authenticate": 'Bearer realm="reefcap"'}
+                )
+        length = headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.settings.max_request_bytes:
+            e = BodyTooLargeError(self.settings.max_request_bytes)
+            return error_response(e.status, e.code, e.message)
+        return None
+
+
+def _status_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
+    retry = {"Retry-After": "1"}
+    if isinstance(exc, ImageTooLargeError):
+        return 413, exc.code, {}
+    if isinstance(exc, UnsupportedImageFormatError):
+        return 415, exc.code, {}
+    if isinstance(exc, ImageError):
+        return 400, exc.code, {}
+    if isinstance(exc, UnknownRequestError):
+        return 404, exc.code, {}
+    if isinstance(exc, QueueFullError):
+        return 503, "overloaded", retry
+    if isinstance(exc, ShuttingDownError):
+        return 503, "shutting_down", retry
+    if isinstance(exc, DeadlineExceededError):
+        return 504, "deadline_exceeded", {}
+    if isinstance(exc, ClientDisconnectedError):
+        return 499, "client_disconnected", {}
+    if isinstance(exc, (ModelLoadError, ModelNotFoundError)):
+        return 503, "model_unavailable", retry
+    if isinstance(exc, ReefcapError):
+        return {"quality_gate": 409}.get(exc.code, 400), exc.code, {}
+    if isinstance(exc, ValueError):  # decoding options out of range
+        return 422, "invalid_options", {}
+    return 500, "internal_error", {}
+
+
+def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
+    """Every error, ours or the framework's, leaves as ``{"error": {"code", "message"}}``."""
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5]]
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    async def _any(request: Request, exc: Exception) -> JSONResponse:
+        status, code, headers = _status_for(exc)
+        if "Retry-After" in headers:
+            headers = {"Retry-After": str(retry_after_s)}
+        if status >= 500 and status not in (503, 504):
+            log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+            return error_response(status, code, f"internal error ({type(exc).__name__})")
+        return error_response(status, code, str(exc), headers)
+
+    # Known error families go to ExceptionMiddleware (answered, not re-raised); Exception is the last resort.
+    for family in (ReefcapError, BatcherError, ValueError, Exception):
+        app.add_exception_handler(family, _any)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON ({exc})") from None

@@ -1,0 +1,85 @@
+"""Server settings: every field can come from a ``reefcap serve`` flag or a ``REEFCAP_<NAME>`` variable.
+
+Flags win over environment variables, which win over the defaults below (pydantic-settings order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from reefcap.models.images import DEFAULT_FORMATS, ImageLimits
+
+
+class ServerSettings(BaseSettings):
+    """How ``reefcap serve`` runs. The README's "Server" section documents each field."""
+
+    model_config = SettingsConfigDict(env_prefix="REEFCAP_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model: str = "reefscenes-tiny-damf"
+    fallback: str | None = "reefscenes-tiny"
+    backend: str = "auto"  # auto = the fastest registered backend that imports (onnx, else torch)
+    device: str = "auto"
+    dtype: str = "fp32"
+    # Intra-op threads for PyTorch and ONNX Runtime. 0 = one per core minus one, kept for decoding and HTTP:
+    # on a small shared CPU, inference threads fighting the decoding threads made batches up to 20x slower.
+    inference_threads: int = Field(0, ge=0)
+
+    # The dynamic batcher's two knobs, its queue bound and the per-request deadline.
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_wait_ms: float = Field(10.0, ge=0)
+    max_queue: int = Field(256, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    retry_after_s: int = Field(1, ge=1)
+    decode_workers: int = Field(2, ge=1)
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    # Fallback policy: a primary batch slower than this is answered by the fallback; after
+    # breaker_failures consecutive primary failures the primary is skipped for breaker_reset_s.
+    primary_timeout_s: float = Field(20.0, gt=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_reset_s: float = Field(30.0, gt=0)
+
+    # Default decoding: greedy is the fastest and gives the same caption whatever the batch it lands in.
+    num_beams: int = Field(1, ge=1, le=16)
+    max_length: int = Field(20, ge=2, le=512)
+
+    # Input limits (decompression bombs are stopped from the image header by max_pixels).
+    max_image_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_images_per_request: int = Field(16, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    formats: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
+
+    api_key: str | None = None  # bearer key required on everything except /, /healthz, /readyz, /metrics
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: CORS off
+
+    feedback_db: Path = Path("reefcap-feedback.sqlite3")
+    feedback_window: int = Field(500, ge=1)  # rolling BLEU-4/CIDEr over the latest N references per model
+    feedback_retain: int = Field(20_000, ge=1)  # served images kept for feedback, newest first
+
+    reload_poll_s: float = Field(0.0, ge=0)  # >0: watch the primary's folder and reload when it changes
+    log_level: str = "info"
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        return [str(v).upper() for v in value] if isinstance(value, list) else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v for v in value.replace(",", " ").split() if v]
+        return value
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels, formats=tuple(self.formats))

@@ -1,0 +1,114 @@
+"""Helpers for the server tests: model folders with manifests, a collapsed model, image bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+
+def copy_model(src: Path, dst: Path, metrics: dict | None = None) -> Path:
+    """A copy of a checkpoint folder, with a manifest.json holding ``metrics`` when given."""
+    shutil.copytree(src, dst)
+    if metrics is not None:
+        (dst / "manifest.json").write_text(json.dumps({"metrics": metrics}))
+    return dst
+
+
+def collapsed_model(src: Path, dst: Path, word: str = "coral") -> Path:
+    """A real checkpoint whose decoder always prefers one word: greedy decoding loops on it (DAMF's collapse)."""
+    import torch
+    from transformers import BertTokenizer, BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(src)
+    tok = BertTokenizer.from_pretrained(src)
+    token = tok.convert_tokens_to_ids(word)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[token] += 100.0
+    model.save_pretrained(dst)
+    for f in src.iterdir():
+        if not (dst / f.name).exists():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def corrupt_copy(src: Path, dst: Path) -> Path:
+    """A copy whose weights file is cut in half."""
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), color=(10, 80, 120)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class LiveServer:
+    """``reefcap serve`` as a real subprocess on 127.0.0.1, configured through REEFCAP_* variables."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        full = {**os.environ, **env, "REEFCAP_HOST": "127.0.0.1", "REEFCAP_PORT": str(self.port)}
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "reefcap.cli", "serve", "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, env=full, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready in time: {log_path.read_text()[-2000:]}")
+
+    def metrics(self) -> str:
+        import httpx
+
+        return httpx.get(self.url + "/metrics", timeout=10).text
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total

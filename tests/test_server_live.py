@@ -1,0 +1,246 @@
+"""`reefcap serve` as a real subprocess on 127.0.0.1: batching, overload, disconnects, fallback, hot reload,
+the Hugging Face InferenceClient, the web page in headless Chromium, and draining on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from server_helpers import LiveServer, copy_model, corrupt_copy, metric
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def models(varied_model, tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("live-models")
+    return {
+        # The fresh tiny model gives one plain caption for every image, so the primary is never replaced for a
+        # degenerate caption and the reload test sees which primary answered.
+        "primary": copy_model(tiny_model, root / "reef-primary", {"underwater": {"CIDEr": 0.5, "Bleu_4": 0.2}}),
+        "better": copy_model(tiny_model, root / "reef-better", {"underwater": {"CIDEr": 0.7, "Bleu_4": 0.25}}),
+        "corrupt": corrupt_copy(tiny_model, root / "reef-corrupt"),
+        "fallback": varied_model,
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    """Primary + fallback, small batches and a small queue so overload is reachable, an API key."""
+    tmp = tmp_path_factory.mktemp("live-a")
+    env = {
+        "REEFCAP_MODEL": str(models["primary"]),
+        "REEFCAP_FALLBACK": str(models["fallback"]),
+        "REEFCAP_BACKEND": "torch",
+        "REEFCAP_DEVICE": "cpu",
+        "REEFCAP_MAX_BATCH_SIZE": "8",
+        "REEFCAP_MAX_WAIT_MS": "50",
+        "REEFCAP_MAX_QUEUE": "16",
+        "REEFCAP_API_KEY": KEY,
+        "REEFCAP_FEEDBACK_DB": str(tmp / "fb.sqlite3"),
+    }
+    srv = LiveServer(env, tmp / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def broken_server(models, tmp_path_factory):
+    """Corrupt primary, and a long max wait so a queued request stays queued long enough to walk away from."""
+    tmp = tmp_path_factory.mktemp("live-b")
+    env = {
+        "REEFCAP_MODEL": str(models["corrupt"]),
+        "REEFCAP_FALLBACK": str(models["fallback"]),
+        "REEFCAP_BACKEND": "torch",
+        "REEFCAP_DEVICE": "cpu",
+        "REEFCAP_MAX_BATCH_SIZE": "64",
+        "REEFCAP_MAX_WAIT_MS": "1500",
+        "REEFCAP_FEEDBACK_DB": str(tmp / "fb.sqlite3"),
+    }
+    srv = LiveServer(env, tmp / "server.log")
+    yield srv
+    srv.stop()
+
+
+async def _burst(url: str, bodies: list, path: str = "/v1/image-to-text", **kw) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=AUTH) as client:
+        return await asyncio.gather(
+            *(client.post(path, **({"content": b} if path.endswith("text") else b), **kw) for b in bodies)
+        )
+
+
+def test_concurrent_requests_are_batched(server, euvp_images):
+    before = server.metrics()
+    responses = asyncio.run(_burst(server.url, [p.read_bytes() for p in euvp_images[:16]]))
+    assert [r.status_code for r in responses] == [200] * 16
+    assert all(r.json()[0]["generated_text"] is not None for r in responses)
+    after = server.metrics()
+    batches = metric(after, "reefcap_batch_size_images_count") - metric(before, "reefcap_batch_size_images_count")
+    images = metric(after, "reefcap_batch_size_images_sum") - metric(before, "reefcap_batch_size_images_sum")
+    assert images >= 16 and batches < images, f"{batches} batches for {images} images: nothing was batched"
+
+
+def test_malformed_images_get_json_4xx(server):
+    r = httpx.post(server.url + "/v1/image-to-text", content=b"GIF89a\x01\x00broken", headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] in ("not_an_image", "truncated_image")
+    files = [("images", ("a.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png"))]
+    r = httpx.post(server.url + "/v1/captions", files=files, headers=AUTH)
+    assert 400 <= r.status_code < 500 and set(r.json()["error"]) == {"code", "message"}
+    assert httpx.post(server.url + "/v1/image-to-text", content=b"x").status_code == 401
+
+
+def test_hf_inference_client_round_trip(server, euvp_images):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(model=server.url + "/v1/image-to-text", token=KEY)
+    out = client.image_to_text(euvp_images[3])
+    direct = httpx.post(server.url + "/v1/image-to-text", content=euvp_images[3].read_bytes(), headers=AUTH)
+    assert out.generated_text == direct.json()[0]["generated_text"]
+
+
+def test_overload_answers_503_with_retry_after_never_500(server, euvp_images):
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in euvp_images[:4]]
+    responses = asyncio.run(_burst(server.url, [{"files": files}] * 24, path="/v1/captions"))
+    codes = [r.status_code for r in responses]
+    assert 503 in codes and 200 in codes, codes
+    assert set(codes) <= {200, 503}, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+    assert metric(server.metrics(), "reefcap_dropped_images_total", reason="queue_full") > 0
+
+
+def test_hot_reload_under_load_drops_nothing(server, models, euvp_images):
+    data = [p.read_bytes() for p in euvp_images[:6]]
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client_loop():
+        with httpx.Client(base_url=server.url, timeout=120, headers=AUTH) as c:
+            while not stop.is_set():
+                for d in data:
+                    r = c.post("/v1/captions", files=[("images", ("x.jpg", d, "image/jpeg"))])
+                    name = r.json()["results"][0]["model"]["name"] if r.status_code == 200 else r.text
+                    results.append((r.status_code, name))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    worse = copy_model(models["primary"], models["root"] / "reef-worse")
+    (worse / "manifest.json").unlink()  # no evaluation: fails the gate
+    r = httpx.post(server.url + "/v1/admin/reload", json={"model": str(worse)}, headers=AUTH, timeout=120)
+    assert r.status_code == 409, r.text
+    r = httpx.post(server.url + "/v1/admin/reload", json={"model": str(models["better"])}, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    codes = {code for code, _ in results}
+    names = [name for _, name in results]
+    assert codes == {200}, results
+    # Primary answers (not replaced by the fallback) came from the old model before the swap, the new one after.
+    primary_names = [n for n in names if n.startswith("reef-")]
+    assert "reef-primary" in primary_names and primary_names[-1] == "reef-better"
+    assert httpx.get(server.url + "/readyz").json()["primary"]["name"] == "reef-better"
+
+
+def test_web_page_in_headless_chromium(server, euvp_images):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=args)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.set_input_files("#file", str(euvp_images[5]))
+            page.fill("#key", KEY)
+            page.click("#submit")
+            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            caption = page.text_content("#caption")
+            model = page.text_content("#model")
+            uiqm = float(page.text_content("#uiqm"))
+            request_id = page.text_content("#request-id")
+        finally:
+            browser.close()
+    direct = httpx.post(
+        server.url + "/v1/captions",
+        headers=AUTH,
+        files=[("images", ("x.jpg", euvp_images[5].read_bytes(), "image/jpeg"))],
+    ).json()
+    res = direct["results"][0]
+    assert caption == res["caption"] and model.startswith(res["model"]["name"])
+    assert uiqm == pytest.approx(res["quality"]["uiqm"], abs=1e-3) and len(request_id) == 32
+
+
+def test_corrupt_primary_is_served_by_fallback(broken_server, euvp_images):
+    ready = httpx.get(broken_server.url + "/readyz").json()
+    assert ready["serving"] == "fallback" and ready["primary"] is None and "reef-corrupt" in ready["primary_error"]
+    r = httpx.post(broken_server.url + "/v1/captions", files=[("images", ("x.jpg", euvp_images[0].read_bytes()))])
+    res = r.json()["results"][0]
+    assert r.status_code == 200 and res["fallback"] == {"used": True, "reason": "primary_unavailable"}
+
+
+def _raw_request(port: int, body: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = (
+        f"POST /v1/image-to-text HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + body)
+    return sock
+
+
+def test_disconnected_clients_queued_work_is_dropped(broken_server, euvp_images):
+    before = broken_server.metrics()
+    sock = _raw_request(broken_server.port, euvp_images[1].read_bytes())
+    time.sleep(0.5)  # queued: the 1.5 s max wait for a fuller batch has not passed
+    sock.close()
+    time.sleep(2.0)
+    after = broken_server.metrics()
+    dropped = metric(after, "reefcap_dropped_images_total", reason="disconnected")
+    assert dropped - metric(before, "reefcap_dropped_images_total", reason="disconnected") == 1
+    assert metric(after, "reefcap_batch_size_images_count") == metric(before, "reefcap_batch_size_images_count")
+
+
+def test_sigterm_drains_in_flight_work(broken_server, euvp_images):
+    answer: dict = {}
+
+    def call():
+        answer["r"] = httpx.post(
+            broken_server.url + "/v1/image-to-text", content=euvp_images[2].read_bytes(), timeout=60
+        )
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)  # queued behind the 1.5 s max wait when the signal arrives
+    # uvicorn re-raises the signal after its graceful shutdown, so the exit status says SIGTERM.
+    assert broken_server.stop() in (0, -15)
+    t.join(30)
+    assert answer["r"].status_code == 200 and answer["r"].json()[0]["generated_text"] is not None
+
+
+def test_serve_without_models_fails_with_one_line(tmp_path):
+    env = {**os.environ, "REEFCAP_FEEDBACK_DB": str(tmp_path / "f.sqlite3")}
+    cmd = [sys.executable, "-m", "reefcap.cli", "serve", "--model", str(tmp_path / "none"), "--fallback", "none"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("reefcap: error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "no model could be loaded" in lines[0]
