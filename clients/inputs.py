@@ -1,9 +1,10 @@
 """Turn what a user types (files, directories, globs, manifests) into an ordered list of image inputs.
 
-A manifest lists images: ``.txt`` (one path a line), ``.jsonl`` (objects with ``image``, ``path`` or
-``file_name``), ``.csv`` (a column named like those) or COCO ``.json`` (``images[].file_name``). Relative
-paths in a manifest are relative to the manifest's folder. The order is the user's; duplicates are kept
-once.
+A manifest lists images: ``.txt`` (one image path a line), ``.jsonl`` (objects with ``image``, ``path``
+or ``file_name``), ``.csv`` (a column named like those) or COCO ``.json`` (``images[].file_name``). A
+``.txt`` whose first entry is not an image path is taken as an image, so it gets an error line like any
+other unreadable file. Relative paths in a manifest are relative to the manifest's folder. The order is
+the user's; duplicates are kept once.
 """
 
 from __future__ import annotations
@@ -91,6 +92,20 @@ def read_manifest(path: Path) -> list[ImageInput]:
         raise InputError(f"{path}: not a COCO-style manifest with images[].file_name ({exc})") from None
 
 
+def _is_manifest(path: Path) -> bool:
+    """A .txt is a manifest only if its first entry names an image file; any other text is a (bad) image."""
+    if path.suffix.lower() != ".txt":
+        return True
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip() and not line.lstrip().startswith("#"):
+                    return Path(line.strip()).suffix.lower() in IMAGE_SUFFIXES
+    except (OSError, UnicodeDecodeError):
+        return False
+    return False
+
+
 def expand_inputs(args: Iterable[str]) -> list[ImageInput]:
     """Expand each argument: a directory (recursively, sorted), a glob, a manifest, or an image path.
 
@@ -103,7 +118,7 @@ def expand_inputs(args: Iterable[str]) -> list[ImageInput]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             items = [ImageInput(str(p)) for p in found]
-        elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+        elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES and _is_manifest(path):
             items = read_manifest(path)
         elif not path.exists() and glob.has_magic(arg):
             items = [ImageInput(p) for p in sorted(glob.glob(arg, recursive=True)) if Path(p).is_file()]

@@ -36,6 +36,11 @@ def test_missing_file_is_kept_to_be_reported(tree):
     assert [i.image for i in expand_inputs([str(tree / "gone.jpg")])] == [str(tree / "gone.jpg")]
 
 
+def test_text_that_lists_no_image_is_an_input_not_a_manifest(tree):
+    (tree / "notes.txt").write_text("dive log: turtles at 12 m\n")
+    assert [i.image for i in expand_inputs([str(tree / "notes.txt")])] == [str(tree / "notes.txt")]
+
+
 def test_manifests(tree):
     (tree / "list.txt").write_text("# survey 7\na/0.jpg\n\na/1.jpg\n")
     (tree / "list.jsonl").write_text(json.dumps({"image": "a/2.jpg", "image_id": 7}) + "\n")
