@@ -105,7 +105,11 @@ def _wrappers():
             text = blip.text_decoder
             self.embeddings = text.bert.embeddings
             self.layers = text.bert.encoder.layer
-            self.head = text.cls
+            self.head = text.cls.predictions
+            # The LM head shares its weight with the word embeddings. The exporter merges identical initializers,
+            # so a transposed copy keeps int8 quantisation of the head's matmul from rewriting the initializer the
+            # embedding lookup reads.
+            self.lm_weight = nn.Parameter(self.head.decoder.weight.detach().t().contiguous(), requires_grad=False)
             self.n_heads = blip.config.text_config.num_attention_heads
             self.n_layers = len(self.layers)
 
@@ -150,7 +154,7 @@ def _wrappers():
                 ctx = ctx.reshape(images, nh, -1, t, d).transpose(1, 2).reshape(rows, nh, t, d)
                 h = layer.crossattention.output(self.merge(ctx), h)
                 h = layer.output(layer.intermediate(h), h)
-            logits = self.head(h[:, -1])
+            logits = torch.matmul(self.head.transform(h[:, -1]), self.lm_weight) + self.head.decoder.bias
             return (logits, *presents)
 
     return Encoder, Decoder
