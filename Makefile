@@ -7,7 +7,7 @@ EXTRAS ?= test,train
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test test-slow lint format serve clean
+.PHONY: install test test-slow lint format serve clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ format: install
 
 serve: install
 	$(VENV)/bin/reefcap serve --host $(HOST) --port $(PORT)
+
+# Engines vs the naive transformers pipeline, one run per model; the table goes to $(BENCH_OUT). The bundled
+# tiny model is used when present, else a fresh `tiny`; blip-base-shape gets fewer batch sizes (~2 s per image).
+BENCH_OUT ?= docs/benchmarks-cpu.md
+BENCH_TINY ?= $(or $(firstword $(notdir $(wildcard models/zoo/*tiny*))),tiny)
+BENCH_HEADER ?= \# reefcap CPU benchmarks\n\nWritten by make bench (reefcap bench); see README, ONNX and benchmarks.
+bench: install
+	$(VENV)/bin/reefcap bench --model $(BENCH_TINY) --batch-sizes 1,2,4,8,16,32,64 --budget 8 --repeats 4 \
+		--out $(BENCH_OUT) --header "$(BENCH_HEADER)"
+	$(VENV)/bin/reefcap bench --model blip-base-shape --batch-sizes 1,4,16 --budget 20 --repeats 2 \
+		--naive-images 2 --out $(BENCH_OUT) --append
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
