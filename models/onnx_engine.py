@@ -96,19 +96,22 @@ class _Runner:
         self.cross, self.past = {}, None
 
 
-class _CudaRunner(_Runner):
-    """CUDA execution provider with I/O binding: the caches stay on the device as OrtValues."""
+class _BoundRunner(_Runner):
+    """I/O binding: the caches stay on the device as OrtValues between steps (used with the CUDA provider;
+    ``device_type="cpu"`` runs the same code on the CPU provider, which is how the tests cover it without a GPU)."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], threads: int, device_id: int) -> None:
-        providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    def __init__(self, folder: Path, manifest: dict[str, Any], threads: int, device_type: str, device_id: int) -> None:
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device_type == "cuda":
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         super().__init__(folder, manifest, threads, providers)
-        self.device_id = device_id
+        self.device_type, self.device_id = device_type, device_id
 
     def start(self, pixels: np.ndarray) -> None:
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("pixel_values", np.ascontiguousarray(pixels, dtype=np.float32))
         for name in self.cross_names:
-            binding.bind_output(name, "cuda", self.device_id)
+            binding.bind_output(name, self.device_type, self.device_id)
         self.encoder.run_with_iobinding(binding)
         self.cross = dict(zip(self.cross_names, binding.get_outputs(), strict=True))
         self.past = None
@@ -127,7 +130,10 @@ class _CudaRunner(_Runner):
             binding.bind_ortvalue_input(name, value)
         # Logits go to the host for token selection; the new cache stays on the GPU.
         for name in self.output_names:
-            binding.bind_output(name, "cpu" if name == "logits" else "cuda", 0 if name == "logits" else self.device_id)
+            if name == "logits":
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, self.device_type, self.device_id)
         self.decoder.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         self.past = dict(zip(self.past_names, present, strict=True))
@@ -151,7 +157,7 @@ class OnnxCaptionEngine(CaptionEngine):
         kind, _, index = device.partition(":")
         self.device = device
         self.runner = (
-            _CudaRunner(folder, manifest, threads, int(index or 0))
+            _BoundRunner(folder, manifest, threads, "cuda", int(index or 0))
             if kind == "cuda"
             else _Runner(folder, manifest, threads, ["CPUExecutionProvider"])
         )

@@ -214,8 +214,28 @@ def test_cli_bench_writes_table(varied_model, tmp_path, monkeypatch):
     assert "| varied | naive pipeline | cpu | fp32 | 1 |" in table and table.count("| varied | onnx |") == 2
 
 
+def test_io_binding_runner_and_fp16_graphs_on_cpu(varied_model, exported, onnx_engine, euvp_images, tmp_path):
+    """The CUDA path's pieces that run without a GPU: the I/O-binding runner (on the CPU provider) and fp16 graphs."""
+    from reefcap.models.onnx_engine import _BoundRunner
+
+    ref = onnx_engine.caption(euvp_images[:8], DecodeOptions(num_beams=3))
+    bound = OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu"), threads=1)
+    bound.runner = _BoundRunner(exported, bound.manifest, 1, "cpu", 0)
+    assert [c.caption for c in bound.caption(euvp_images[:8], DecodeOptions(num_beams=3))] == [c.caption for c in ref]
+
+    folder = export_onnx(str(varied_model), tmp_path / "fp16", "fp16")
+    fp16 = OnnxCaptionEngine.load(str(folder), EngineConfig(device="cpu", dtype="fp16"), threads=1)
+    assert fp16.runner.kv_dtype == np.float16
+    got = fp16.caption(euvp_images[:8], DecodeOptions(num_beams=3))
+    assert sum(a.caption == b.caption for a, b in zip(ref, got, strict=True)) >= 6
+
+
 @pytest.mark.gpu
 def test_cuda_fp16_io_binding_agrees_with_cpu(varied_model, onnx_engine, euvp_images, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA execution provider (install the gpu extra)")
     monkeypatch.setenv("REEFCAP_CACHE", str(tmp_path / "cache"))
     gpu = OnnxCaptionEngine.load(str(varied_model), EngineConfig(device="cuda", dtype="fp16"))
     assert gpu.describe().device == "cuda:0" and gpu.describe().dtype == "fp16"
