@@ -57,7 +57,7 @@ def _parse_sizes(text: str) -> list[int]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import engine_variants, gpu_available, machine_note, markdown, run_bench
+    from .bench import engine_variants, machine_note, markdown, run_bench
 
     sizes = _parse_sizes(args.batch_sizes)
     folder = Path(args.images) if args.images else _default_images()
@@ -66,8 +66,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise ReefcapError(f"no images in {folder}; pass --images DIR")
     variants = None
     if args.engines:
-        torch_cuda, _ = gpu_available()
-        known = {f"{b}:{d}:{t}": (b, d, t) for b, d, t in engine_variants(cuda=True)}
+        known = {f"{b}:{d}:{t}": (b, d, t) for b, d, t in engine_variants(torch_cuda=True, ort_cuda=True)}
         wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
         unknown = [w for w in wanted if w not in known]
         if unknown:

@@ -49,7 +49,8 @@ def ort_device(device: str = "auto") -> tuple[str, int]:
 
 
 class _Runner:
-    """Runs the two graphs on the CPU execution provider, holding one batch's cache between steps."""
+    """Runs the two graphs on the CPU execution provider. Stateless: callers hold the caches, so one runner
+    serves concurrent ``generate`` calls (ONNX Runtime sessions may be run from several threads)."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], threads: int, providers: list[Any]) -> None:
         import onnxruntime as ort
@@ -73,27 +74,23 @@ class _Runner:
         self.cross_names = [o.name for o in self.encoder.get_outputs()]
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.kv_dtype = np.float16 if inputs[self.past_names[0]] == "tensor(float16)" else np.float32
-        self.cross: dict[str, Any] = {}
-        self.past: dict[str, Any] | None = None
 
     def empty_past(self, rows: int) -> dict[str, np.ndarray]:
         heads, head_dim = self.kv_shape
         return {name: np.zeros((rows, heads, 0, head_dim), self.kv_dtype) for name in self.past_names}
 
-    def start(self, pixels: np.ndarray) -> None:
-        """Encode a batch of images: their cross-attention keys/values, computed once for all decoding steps."""
-        self.cross = dict(zip(self.cross_names, self.encoder.run(None, {"pixel_values": pixels}), strict=True))
-        self.past = None
+    def encode(self, pixels: np.ndarray) -> dict[str, Any]:
+        """A batch of images' cross-attention keys/values, computed once for all decoding steps."""
+        return dict(zip(self.cross_names, self.encoder.run(None, {"pixel_values": pixels}), strict=True))
 
-    def step(self, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
-        past = self.past if self.past is not None else self.empty_past(tokens.shape[0])
-        feed = {"input_ids": tokens.astype(np.int64), "beam_idx": beam_idx.astype(np.int64), **past, **self.cross}
+    def decode(
+        self, tokens: np.ndarray, beam_idx: np.ndarray, past: dict[str, Any] | None, cross: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """One decoder step: last-position logits (float32, on the host) and the grown cache."""
+        past = past if past is not None else self.empty_past(tokens.shape[0])
+        feed = {"input_ids": tokens.astype(np.int64), "beam_idx": beam_idx.astype(np.int64), **past, **cross}
         logits, *present = self.decoder.run(self.output_names, feed)
-        self.past = dict(zip(self.past_names, present, strict=True))
-        return np.asarray(logits, dtype=np.float32)
-
-    def finish(self) -> None:
-        self.cross, self.past = {}, None
+        return np.asarray(logits, dtype=np.float32), dict(zip(self.past_names, present, strict=True))
 
 
 class _BoundRunner(_Runner):
@@ -107,26 +104,27 @@ class _BoundRunner(_Runner):
         super().__init__(folder, manifest, threads, providers)
         self.device_type, self.device_id = device_type, device_id
 
-    def start(self, pixels: np.ndarray) -> None:
+    def encode(self, pixels: np.ndarray) -> dict[str, Any]:
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("pixel_values", np.ascontiguousarray(pixels, dtype=np.float32))
         for name in self.cross_names:
             binding.bind_output(name, self.device_type, self.device_id)
         self.encoder.run_with_iobinding(binding)
-        self.cross = dict(zip(self.cross_names, binding.get_outputs(), strict=True))
-        self.past = None
+        return dict(zip(self.cross_names, binding.get_outputs(), strict=True))
 
-    def step(self, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
+    def decode(
+        self, tokens: np.ndarray, beam_idx: np.ndarray, past: dict[str, Any] | None, cross: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input("beam_idx", np.ascontiguousarray(beam_idx, dtype=np.int64))
-        if self.past is None:
+        if past is None:
             for name, value in self.empty_past(tokens.shape[0]).items():
                 binding.bind_cpu_input(name, value)
         else:
-            for name, value in self.past.items():
+            for name, value in past.items():
                 binding.bind_ortvalue_input(name, value)
-        for name, value in self.cross.items():
+        for name, value in cross.items():
             binding.bind_ortvalue_input(name, value)
         # Logits go to the host for token selection; the new cache stays on the GPU.
         for name in self.output_names:
@@ -136,8 +134,7 @@ class _BoundRunner(_Runner):
                 binding.bind_output(name, self.device_type, self.device_id)
         self.decoder.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
-        self.past = dict(zip(self.past_names, present, strict=True))
-        return np.asarray(logits.numpy(), dtype=np.float32)
+        return np.asarray(logits.numpy(), dtype=np.float32), dict(zip(self.past_names, present, strict=True))
 
 
 class OnnxCaptionEngine(CaptionEngine):
@@ -202,23 +199,28 @@ class OnnxCaptionEngine(CaptionEngine):
             repetition_penalty=options.repetition_penalty,
             eos=self.eos,
         )
-        self.runner.start(batch)
-        try:
-            if options.num_beams == 1:
-                out = greedy(self.runner.step, prompt, n, pad=self.pad, **common)
-            else:
-                gen = self.manifest.get("generation", {})
-                out = beam_search(
-                    self.runner.step,
-                    prompt,
-                    n,
-                    num_beams=options.num_beams,
-                    length_penalty=gen.get("length_penalty", 1.0),
-                    early_stopping=gen.get("early_stopping", False),
-                    **common,
-                )
-        finally:
-            self.runner.finish()
+        runner = self.runner
+        cross = runner.encode(batch)
+        past: dict[str, Any] | None = None
+
+        def step(tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
+            nonlocal past
+            logits, past = runner.decode(tokens, beam_idx, past, cross)
+            return logits
+
+        if options.num_beams == 1:
+            out = greedy(step, prompt, n, pad=self.pad, **common)
+        else:
+            gen = self.manifest.get("generation", {})
+            out = beam_search(
+                step,
+                prompt,
+                n,
+                num_beams=options.num_beams,
+                length_penalty=gen.get("length_penalty", 1.0),
+                early_stopping=gen.get("early_stopping", False),
+                **common,
+            )
         texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         name = self.manifest["source"]["name"]
         return [
