@@ -330,10 +330,10 @@ def cached_export(model: str | ResolvedModel, precision: str = "fp32") -> Path:
     An already exported folder (one holding ``manifest.json``) is used as it is. Cache entries are keyed by the
     weights' content hash, so retrained weights in the same folder get a fresh export.
     """
-    from .torch_engine import weights_version
-
     if isinstance(model, (str, os.PathLike)) and (Path(model).expanduser() / MANIFEST).is_file():
         return Path(model).expanduser()
+    from .torch_engine import weights_version  # the export needs torch anyway; an export folder does not
+
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
     target = cache_root() / f"{weights_version(resolved.path)}-{precision}"
     if (target / MANIFEST).is_file():
