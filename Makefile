@@ -43,7 +43,7 @@ BENCH_TINY ?= $(or $(firstword $(notdir $(wildcard models/zoo/*tiny*))),tiny)
 BENCH_HEADER ?= \# reefcap CPU benchmarks\n\nWritten by make bench (reefcap bench); see README, ONNX and benchmarks.
 bench: install
 	$(VENV)/bin/reefcap bench --model $(BENCH_TINY) --batch-sizes 1,2,4,8,16,32,64 --budget 6 --repeats 5 \
-		--out $(BENCH_OUT) --header "$(BENCH_HEADER)"
+		--out $(BENCH_OUT) --header '$(BENCH_HEADER)'
 	$(VENV)/bin/reefcap bench --model blip-base-shape --batch-sizes 1,4,16 --budget 20 --repeats 3 \
 		--naive-images 3 --out $(BENCH_OUT) --append
 
