@@ -245,3 +245,25 @@ def test_cuda_fp16_io_binding_agrees_with_cpu(varied_model, onnx_engine, euvp_im
         assert len(got) == len(euvp_images)
     got = gpu.caption(euvp_images, DecodeOptions.greedy())
     assert sum(a.caption == b.caption for a, b in zip(ref, got, strict=True)) >= 0.7 * len(ref)
+
+
+@pytest.mark.slow
+def test_blip_base_shape_export_matches_torch(tmp_path_factory, euvp_images):
+    """The real BLIP-base shape (224 M parameters, 577 image tokens, 12 layers) exports and decodes like PyTorch."""
+    from reefcap.models.factory import init_blip_base_shape
+
+    model = init_blip_base_shape(tmp_path_factory.mktemp("base") / "blip-base-shape")
+    folder = export_onnx(str(model), tmp_path_factory.mktemp("base-onnx") / "fp32")
+    assert read_manifest(folder)["decoder"] == {
+        **read_manifest(folder)["decoder"],
+        "layers": 12,
+        "heads": 12,
+        "head_dim": 64,
+        "vocab_size": 30524,
+    }
+    options = DecodeOptions.greedy(min_length=12, max_length=12)
+    ref = TorchCaptionEngine.load(str(model)).caption(euvp_images[:2], options)
+    got = OnnxCaptionEngine.load(str(folder), EngineConfig(device="cpu")).caption(euvp_images[:2], options)
+    assert [(c.caption, c.tokens) for c in got] == [(c.caption, c.tokens) for c in ref]
+    for g, r in zip(got, ref, strict=True):
+        assert g.confidence == pytest.approx(r.confidence, abs=1e-3)
