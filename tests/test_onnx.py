@@ -103,6 +103,25 @@ def test_min_length_and_repetition_penalty_match_torch(onnx_engine, torch_engine
         assert [(c.caption, c.tokens) for c in got] == [(c.caption, c.tokens) for c in ref]
 
 
+@pytest.mark.parametrize("early_stopping, length_penalty", [(True, 0.6), ("never", 1.5)])
+def test_beam_settings_from_generation_config_match_torch(
+    varied_model, euvp_images, tmp_path, early_stopping, length_penalty
+):
+    """Early stopping and the length penalty come from the checkpoint's generation config, as in HF."""
+    import shutil
+
+    model = Path(shutil.copytree(varied_model, tmp_path / "varied"))
+    config = json.loads((model / "generation_config.json").read_text())
+    config.update(early_stopping=early_stopping, length_penalty=length_penalty)
+    (model / "generation_config.json").write_text(json.dumps(config))
+    folder = export_onnx(str(model), tmp_path / "onnx")
+    assert read_manifest(folder)["generation"] == {"early_stopping": early_stopping, "length_penalty": length_penalty}
+    options = DecodeOptions(num_beams=4, min_length=2)
+    ref = TorchCaptionEngine.load(str(model)).caption(euvp_images[:8], options)
+    got = OnnxCaptionEngine.load(str(folder), EngineConfig(device="cpu"), threads=1).caption(euvp_images[:8], options)
+    assert [(c.caption, c.tokens) for c in got] == [(c.caption, c.tokens) for c in ref]
+
+
 def test_batched_equals_one_by_one(onnx_engine, euvp_images):
     batched = onnx_engine.caption(euvp_images[:6], DecodeOptions.greedy())
     single = [onnx_engine.caption([p], DecodeOptions.greedy())[0] for p in euvp_images[:6]]
