@@ -242,13 +242,21 @@ def _to_fp16(folder: Path) -> None:
 
 def _to_int8(folder: Path) -> None:
     """Dynamic int8 quantisation of the weights of every MatMul/Gemm (activations stay float)."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for name in (ENCODER, DECODER):
-        src = folder / name
-        tmp = folder / f"{name}.int8"
-        quantize_dynamic(src, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        tmp.replace(src)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic advises pre-processing on the root logger, on every call
+    try:
+        for name in (ENCODER, DECODER):
+            src = folder / name
+            tmp = folder / f"{name}.int8"
+            quantize_dynamic(src, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            tmp.replace(src)
+    finally:
+        root.setLevel(level)
 
 
 def _setting(config: Any, name: str, default: Any) -> Any:
