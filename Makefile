@@ -7,7 +7,7 @@ EXTRAS ?= test,train,ray
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test test-slow lint format serve bench-server clean
+.PHONY: install test test-slow lint format serve bench bench-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ serve: install
 # The caption server under load (concurrency 1, 8, 32) against a transformers pipeline, in one run.
 bench-server: install
 	$(PY) -m reefcap.server.bench
+
+# Engines vs the naive transformers pipeline, one run per model; the table goes to $(BENCH_OUT). The bundled
+# tiny model is used when present, else a fresh `tiny`; blip-base-shape gets fewer batch sizes (~2 s per image).
+BENCH_OUT ?= docs/benchmarks-cpu.md
+BENCH_TINY ?= $(or $(firstword $(notdir $(wildcard models/zoo/*tiny*))),tiny)
+BENCH_HEADER ?= \# reefcap CPU benchmarks\n\nWritten by make bench (reefcap bench); see README, ONNX and benchmarks.
+bench: install
+	$(VENV)/bin/reefcap bench --model $(BENCH_TINY) --batch-sizes 1,2,4,8,16,32,64 --budget 6 --repeats 5 \
+		--out $(BENCH_OUT) --header '$(BENCH_HEADER)'
+	$(VENV)/bin/reefcap bench --model blip-base-shape --batch-sizes 1,4,16 --budget 20 --repeats 3 \
+		--naive-images 3 --out $(BENCH_OUT) --append
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

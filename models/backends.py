@@ -13,6 +13,7 @@ from .errors import ReefcapError
 
 BACKENDS: dict[str, str] = {
     "torch": "reefcap.models.torch_engine:TorchCaptionEngine",
+    "onnx": "reefcap.models.onnx_engine:OnnxCaptionEngine",
 }
 
 
