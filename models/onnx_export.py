@@ -52,6 +52,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a reefcap ONNX export (checkpoint folders may have a manifest.json of their own)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
     """Load and check an export folder's manifest; with ``verify`` every graph's hash is checked too."""
     path = Path(folder) / MANIFEST
@@ -335,10 +343,10 @@ def export_onnx(model: str | ResolvedModel, out: str | Path, precision: str = "f
 def cached_export(model: str | ResolvedModel, precision: str = "fp32") -> Path:
     """The export of ``model`` at ``precision`` under :func:`cache_root`, made on first use.
 
-    An already exported folder (one holding ``manifest.json``) is used as it is. Cache entries are keyed by the
-    weights' content hash, so retrained weights in the same folder get a fresh export.
+    An already exported folder (its ``manifest.json`` names this export format) is used as it is. Cache entries
+    are keyed by the weights' content hash, so retrained weights in the same folder get a fresh export.
     """
-    if isinstance(model, (str, os.PathLike)) and (Path(model).expanduser() / MANIFEST).is_file():
+    if isinstance(model, (str, os.PathLike)) and is_export(Path(model).expanduser()):
         return Path(model).expanduser()
     from .torch_engine import weights_version  # the export needs torch anyway; an export folder does not
 

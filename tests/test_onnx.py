@@ -204,6 +204,23 @@ def test_export_on_first_use_is_cached(varied_model, tmp_path, monkeypatch, euvp
     assert len(again.caption(euvp_images[:2], DecodeOptions.greedy())) == 2
 
 
+def test_checkpoint_with_its_own_manifest_is_exported_not_mistaken_for_an_export(
+    varied_model, exported, tmp_path, monkeypatch, euvp_images
+):
+    """Bundled zoo checkpoints carry a manifest.json (recipe, metrics) that is not an ONNX export manifest."""
+    import shutil
+
+    checkpoint = tmp_path / "zoo-like"
+    shutil.copytree(varied_model, checkpoint)
+    (checkpoint / "manifest.json").write_text('{"metrics": {"underwater": {"CIDEr": 0.5}}}')
+    # Seed the cache with the export the module already made of these very weights: no second export needed.
+    monkeypatch.setenv("REEFCAP_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(exported, tmp_path / "cache" / "onnx" / f"{weights_version(checkpoint)}-fp32")
+    engine = load_engine(str(checkpoint), backend="onnx", config=EngineConfig(device="cpu"))
+    assert engine.folder.parent == tmp_path / "cache" / "onnx"
+    assert len(engine.caption(euvp_images[:1], DecodeOptions.greedy())) == 1
+
+
 def test_unsupported_dtype_is_a_clear_error(exported):
     with pytest.raises(ModelLoadError, match="onnx backend runs"):
         OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu", dtype="bf16"))
