@@ -19,6 +19,7 @@ from reefcap import __version__
 COMMAND_MODULES = [
     "reefcap.models.cli",
     "reefcap.clients.cli",
+    "reefcap.training.train_cli",
 ]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2

@@ -23,35 +23,12 @@ from .labels import build_targets
 
 def load_records(path: str | Path) -> list:
     """Caption records of a dataset file (any format issue-3's loader reads)."""
-    try:
-        from .datasets import load_dataset
-    except ImportError:  # TEMPORARY until issue-3's loader is merged
-        load_dataset = _read_coco
+    from .datasets import load_dataset
+
     records = load_dataset(Path(path))
     if not records:
         raise ReefcapError(f"{path}: dataset has no images")
     return records
-
-
-@dataclass(frozen=True)
-class _Record:  # TEMPORARY stand-in for issue-3's CaptionRecord
-    image_id: int
-    path: Path
-    captions: tuple
-    metadata: dict
-
-
-def _read_coco(path: Path) -> list:  # TEMPORARY until issue-3's loader is merged
-    import json
-
-    data = json.loads(path.read_text())
-    caps: dict = {}
-    for a in data["annotations"]:
-        caps.setdefault(a["image_id"], []).append(a["caption"])
-    return [
-        _Record(im["id"], (path.parent / im["file_name"]).resolve(), tuple(caps.get(im["id"], ())), {})
-        for im in data["images"]
-    ]
 
 
 @dataclass
