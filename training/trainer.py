@@ -331,7 +331,7 @@ class Trainer:
                     # The L2 pull acts once per optimizer step, not once per micro-batch.
                     l2 = sum(((p - a) ** 2).sum() for p, a in anchors if p.requires_grad)
                     loss = loss + preserve.l2_weight * l2 * cfg.grad_accum
-                    totals["l2"] += float(l2)
+                    totals["l2"] += float(l2.detach())
                 acc.backward(loss / cfg.grad_accum)
         scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
         grads = stats.update(scale)
