@@ -2,8 +2,9 @@
 
 A recipe is data: a list of stages, each naming its trainable parameter groups, learning rate, epochs,
 schedule, warmup and weight decay, plus optional knowledge preservation. Recipe files hold only what differs
-from the file they extend (``base: NAME``), so every protocol reads as a short diff of the official recipe. A child's ``stages`` list is the recipe's
-stage list; its stage ``i`` overrides the parent's stage ``i`` key by key (an empty ``{}`` keeps it as is).
+from the file they extend (``base: NAME``), so every protocol reads as a short diff of the official recipe.
+A child's ``stages`` list is the recipe's stage list; its stage ``i`` overrides the parent's stage ``i`` key
+by key (an empty ``{}`` keeps it as is).
 Both configs are written next to every checkpoint (``reefcap_train.json``).
 """
 
