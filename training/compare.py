@@ -137,7 +137,7 @@ def _markdown(args, results: dict[str, list[dict]], splits: dict[str, Path], plo
     head = ["protocol", "runs", *[f"{s} {k}" for s, k in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
-        cells = [_mean_std([r[s][k] for r in runs if s in r]) for s, k in cols]
+        cells = [_mean_std([r[s][k] for r in runs if k in r.get(s, {})]) for s, k in cols]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     order = sorted(
         (n for n in results if n != "start"),

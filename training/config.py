@@ -98,6 +98,7 @@ class TrainConfig:
     grad_accum: int = 1
     clip_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
+    device: str = "auto"  # auto (CUDA when available) | cpu
     seed: int = 0
     max_words: int = 30
     max_text_len: int = 40

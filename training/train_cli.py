@@ -20,7 +20,8 @@ def _train_config(args: argparse.Namespace):
         grad_accum=args.grad_accum,
         clip_norm=args.clip_norm,
         mixed_precision=args.mixed_precision,
-        seed=args.seed,
+        device=args.device,
+        seed=getattr(args, "seed", 0),
         max_steps=args.max_steps,
         eval_every_epochs=args.eval_every,
         eval_max_images=args.eval_max_images,
@@ -148,6 +149,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--clip-norm", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu forces CPU even with a GPU")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (resumable)")
     p.add_argument("--eval-every", type=float, default=1.0, help="validate every N epochs (and at stage ends)")
     p.add_argument("--eval-max-images", type=int, help="validate on the first N images only")

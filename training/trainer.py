@@ -111,7 +111,10 @@ class Trainer:
         self.start = resolve_model(model)
         if recipe.preserve and not air_records:
             raise ReefcapError(f"recipe {recipe.name!r} preserves in-air ability: pass in-air data (--preserve-data)")
-        self.acc = Accelerator(mixed_precision=config.mixed_precision)
+        # Without CUDA, cpu=True is what makes `accelerate launch --multi_gpu --num_processes N` run N CPU
+        # processes over gloo (otherwise each process would train alone).
+        cpu = config.device == "cpu" or not torch.cuda.is_available()
+        self.acc = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
         self.train_records, self.val_records, self.air_records = train_records, val_records or [], air_records
         self.progress = progress and self.acc.is_main_process
         self.underwater = underwater
