@@ -215,3 +215,25 @@ def test_preservation_mixes_in_air_images(start_model, records, tmp_path):
     train = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"train"' in x]
     assert all("distill" in e and "l2" in e for e in train)
     assert train[0]["l2"] == 0.0 and train[-1]["l2"] > 0.0 and train[-1]["distill"] > 0.0
+
+
+def test_augmentations_are_seeded_and_optionally_underwater(records):
+    import numpy as np
+    from PIL import Image
+
+    from reefcap.training.augment import TrainTransform
+    from reefcap.training.config import AugmentConfig
+
+    img = Image.open(records[0].path).convert("RGB")
+    official = TrainTransform(48, AugmentConfig())
+    a, b = (np.asarray(official(img, np.random.default_rng([1, 2, 3]))) for _ in range(2))
+    assert a.shape == (48, 48, 3) and np.array_equal(a, b)
+    outs = {np.asarray(official(img, np.random.default_rng(s))).tobytes() for s in range(6)}
+    assert len(outs) == 6
+    plain = np.asarray(TrainTransform(48, AugmentConfig(enabled=False))(img, np.random.default_rng(0)), float)
+    water = np.asarray(
+        TrainTransform(48, AugmentConfig(enabled=False, underwater_p=1.0))(img, np.random.default_rng(0)), float
+    )
+    # Water absorbs red first: the underwater rendering shifts colour away from red towards blue-green.
+    shift = lambda x: x[..., 1:].mean() - x[..., 0].mean()  # noqa: E731
+    assert shift(water) > shift(plain)

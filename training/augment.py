@@ -70,20 +70,27 @@ def rand_augment(img: Image.Image, rng: np.random.Generator, n: int = 2, m: int 
     return img
 
 
+def underwater_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Re-render an in-air image as underwater with randomly drawn water (ReefScenes' optics model)."""
+    from .optics import underwater
+
+    return underwater(img, rng=rng)
+
+
 class TrainTransform:
     """Picklable train-time transform: crop + flip + RandAugment (+ optional underwater rendering)."""
 
-    def __init__(self, size: int, config: AugmentConfig, underwater: Callable | None = None) -> None:
+    def __init__(self, size: int, config: AugmentConfig, underwater: Callable | None = underwater_augment) -> None:
         self.size = size
         self.config = config
         self.underwater = underwater
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         cfg = self.config
-        if not cfg.enabled:
-            return img.resize((self.size, self.size), Image.BICUBIC)
         if self.underwater is not None and cfg.underwater_p > 0 and rng.random() < cfg.underwater_p:
             img = self.underwater(img, rng)
+        if not cfg.enabled:
+            return img.resize((self.size, self.size), Image.BICUBIC)
         img = random_resized_crop(img, self.size, rng, scale=tuple(cfg.crop_scale))
         if cfg.flip and rng.random() < 0.5:
             img = ImageOps.mirror(img)

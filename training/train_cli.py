@@ -30,17 +30,6 @@ def _train_config(args: argparse.Namespace):
     )
 
 
-def underwater_transform(p: float):
-    """The underwater renderer as a training augmentation (from the ReefScenes optics), when asked for."""
-    if p <= 0:
-        return None
-    try:
-        from .optics import random_underwater
-    except ImportError as exc:
-        raise ReefcapError(f"--underwater-aug needs the underwater renderer (reefcap.training.optics): {exc}") from None
-    return random_underwater
-
-
 def run_training(args: argparse.Namespace, recipe=None, seed: int | None = None, out: Path | None = None) -> dict:
     from .config import load_recipe
     from .data import load_records
@@ -64,7 +53,6 @@ def run_training(args: argparse.Namespace, recipe=None, seed: int | None = None,
         val,
         air,
         progress=not args.no_progress,
-        underwater=underwater_transform(args.underwater_aug),
     )
     return trainer.run(resume=args.resume)
 

@@ -103,7 +103,6 @@ class Trainer:
         val_records: list | None = None,
         air_records: list | None = None,
         progress: bool = True,
-        underwater=None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -117,7 +116,6 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
         self.train_records, self.val_records, self.air_records = train_records, val_records or [], air_records
         self.progress = progress and self.acc.is_main_process
-        self.underwater = underwater
         self.ckpt = self.out / "checkpoint"
 
     # ---- persistence ----------------------------------------------------------------------------
@@ -215,7 +213,7 @@ class Trainer:
                 torch.cuda.set_rng_state(rng["cuda"])
 
         size = processor.image_processor.size["height"]
-        transform = TrainTransform(size, cfg.augment, self.underwater)
+        transform = TrainTransform(size, cfg.augment)
         batches = CaptionBatches(
             self.train_records,
             processor,
