@@ -19,6 +19,7 @@ from reefcap import __version__
 COMMAND_MODULES = [
     "reefcap.models.cli",
     "reefcap.clients.cli",
+    "reefcap.training.cli",
     "reefcap.training.train_cli",
 ]
 

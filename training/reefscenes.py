@@ -1,0 +1,161 @@
+"""Generate ReefScenes: the same procedural marine scenes rendered in air and underwater, with captions.
+
+Layout on disk (the contract with the training code)::
+
+    DIR/<domain>/{train,val,test}.json   COCO captions: info, images (id, file_name, width, height, scene_id,
+                                         domain, metadata), annotations (id, image_id, caption)
+    DIR/<domain>/images/<scene_id>.jpg
+
+``domain`` is ``surface`` (in air) or ``underwater``. Image ids are the scene ids, so one id names the same
+scene in both domains, and the split is decided per scene (a seeded hash of the scene id), so a scene sits in
+the same split in both domains and generating more scenes never moves an existing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .captions import describe_conditions, make_captions
+from .datasets import SPLITS, CaptionRecord, DatasetError, write_coco
+from .optics import render, sample_params
+from .painter import paint
+from .scenes import sample_scene, scene_rng
+
+DOMAINS = ("surface", "underwater")
+DEFAULT_COUNTS = {"surface": 10_000, "underwater": 3_176}  # an in-air pretraining set; UICD's size
+RATIOS = (0.7, 0.15, 0.15)
+SURFACE_JPEG_QUALITY = 92
+# Random streams per scene: layout, water, rendering noise, captions. Fixed numbers keep old seeds valid.
+STREAM_LAYOUT, STREAM_WATER, STREAM_RENDER, STREAM_CAPTIONS = 0, 1, 2, 3
+
+
+@dataclass
+class ReefScenesConfig:
+    """What ``reefcap data reefscenes`` generates; saved in every JSON's ``info``."""
+
+    seed: int = 0
+    size: int = 128
+    counts: dict = field(default_factory=lambda: dict(DEFAULT_COUNTS))  # domain -> number of scenes
+    workers: int = 2
+
+
+def scene_split(seed: int, scene_id: int, ratios=RATIOS) -> str:
+    """The split of one scene: a seeded hash of its id cut at the ratios (about 70/15/15 over many scenes)."""
+    digest = hashlib.sha256(f"reefscenes:{seed}:{scene_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    total = sum(ratios)
+    return SPLITS[0] if u < ratios[0] / total else SPLITS[1] if u < (ratios[0] + ratios[1]) / total else SPLITS[2]
+
+
+def _jpeg(arr: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def _scene_metadata(scene: dict) -> dict:
+    subj, ref = scene["subject"], scene["reference"]
+    meta = {
+        "background": scene["background"],
+        "subject": subj["kind"],
+        "variant": subj["variant"],
+        "colour": subj["colour"],
+        "count": subj["count"],
+        "relation": scene["relation"],
+        "reference": ref["variant"] if ref else None,
+        "scenery": [g["variant"] for g in scene["scenery"]],
+    }
+    return meta
+
+
+def render_scene(seed: int, scene_id: int, size: int, domains) -> dict:
+    """Everything one scene contributes: per domain the JPEG bytes, five captions and the metadata."""
+    scene = sample_scene(scene_rng(seed, scene_id, STREAM_LAYOUT), scene_id)
+    air, rel_range = paint(scene, size)
+    base_meta = _scene_metadata(scene)
+    out = {}
+    if "surface" in domains:
+        captions = make_captions(scene_rng(seed, scene_id, STREAM_CAPTIONS), scene)
+        out["surface"] = (_jpeg(air, SURFACE_JPEG_QUALITY), captions, base_meta)
+    if "underwater" in domains:
+        params = sample_params(scene_rng(seed, scene_id, STREAM_WATER))
+        image = render(air, rel_range * params.range_m, params, scene_rng(seed, scene_id, STREAM_RENDER))
+        water = params.to_dict()
+        conditions = describe_conditions(water, tuple(image.reshape(-1, 3).mean(axis=0)))
+        # The same caption stream as in air: the underwater captions are the in-air ones, some naming the water.
+        captions = make_captions(scene_rng(seed, scene_id, STREAM_CAPTIONS), scene, conditions)
+        meta = {**base_meta, **water, "conditions": conditions}
+        out["underwater"] = (_jpeg(image, params.jpeg_quality), captions, meta)
+    return out
+
+
+def _work(job: tuple) -> tuple[int, dict]:
+    seed, scene_id, size, domains, root = job
+    result = render_scene(seed, scene_id, size, domains)
+    summary = {}
+    for domain, (data, captions, meta) in result.items():
+        path = Path(root) / domain / "images" / f"{scene_id:06d}.jpg"
+        path.write_bytes(data)
+        summary[domain] = (captions, meta)
+    return scene_id, summary
+
+
+def generate(out, config: ReefScenesConfig, progress: bool = True, force: bool = False) -> dict:
+    """Write the dataset under ``out``; returns counts per domain and split and the elapsed seconds."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    counts = {d: int(n) for d, n in config.counts.items() if n}
+    if not counts or any(d not in DOMAINS for d in counts) or any(n < 0 for n in counts.values()):
+        raise DatasetError(f"counts must name domains among {DOMAINS} with positive sizes, got {config.counts}")
+    if config.size < 32 or config.size > 1024:
+        raise DatasetError(f"--size must be between 32 and 1024 pixels, got {config.size}")
+    for domain in counts:
+        folder = out / domain
+        if folder.exists() and any(folder.iterdir()):
+            if not force:
+                raise DatasetError(f"{folder} is not empty; pass --force to replace it")
+            shutil.rmtree(folder)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+    n_scenes = max(counts.values())
+    jobs = [
+        (config.seed, i, config.size, tuple(d for d, n in counts.items() if i < n), str(out)) for i in range(n_scenes)
+    ]
+    records: dict[str, dict[str, list]] = {d: {s: [] for s in SPLITS} for d in counts}
+    start = time.perf_counter()
+    bar = tqdm(total=n_scenes, desc="reefscenes", unit="scene", file=sys.stderr, disable=not progress)
+    workers = max(1, min(config.workers, os.cpu_count() or 1))
+    pool = mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_work, jobs, chunksize=8) if pool else map(_work, jobs)
+        for scene_id, summary in results:
+            split = scene_split(config.seed, scene_id)
+            for domain, (captions, meta) in summary.items():
+                path = out / domain / "images" / f"{scene_id:06d}.jpg"
+                meta = {**meta, "scene_id": scene_id, "domain": domain, "width": config.size, "height": config.size}
+                records[domain][split].append(CaptionRecord(scene_id, path.resolve(), tuple(captions), meta))
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool:
+            pool.close()
+            pool.join()
+    elapsed = time.perf_counter() - start
+    info = {"description": "ReefScenes synthetic underwater captioning benchmark (reefcap)", **asdict(config)}
+    info["counts"] = counts
+    for domain, splits in records.items():
+        for split, recs in splits.items():
+            write_coco(recs, out / domain / f"{split}.json", info={**info, "domain": domain, "split": split})
+    summary = {d: {s: len(v) for s, v in splits.items()} for d, splits in records.items()}
+    return {"out": str(out), "counts": summary, "seconds": round(elapsed, 1), "workers": workers}
