@@ -191,3 +191,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--title", default="Protocol comparison")
     cmp_.add_argument("--no-meteor", action="store_true")
     cmp_.set_defaults(handler=_compare)
+
+    from .zoo import register as register_zoo
+
+    register_zoo(sub)
