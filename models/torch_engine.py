@@ -99,7 +99,9 @@ class TorchCaptionEngine(CaptionEngine):
             output_logits=True,
             return_dict_in_generate=True,
         )
-        prompt_len = out.sequences.shape[1] - len(out.logits)
+        # [DEC] + the prompt without its trailing [SEP]. Not sequences minus logits: with beam search the best
+        # beam can end before the last step, so there are more logit steps than generated tokens.
+        prompt_len = prompt["input_ids"].shape[1] - 1 if prompt else 1
         confidences, lengths = self._confidence(out, prompt_len)
         texts = self.processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         name = self.resolved.name
@@ -113,7 +115,8 @@ class TorchCaptionEngine(CaptionEngine):
         scores = self.model.text_decoder.compute_transition_scores(
             out.sequences, out.logits, getattr(out, "beam_indices", None), normalize_logits=True
         ).float()
-        generated = out.sequences[:, prompt_len:]
+        generated = out.sequences[:, prompt_len : prompt_len + scores.shape[1]]
+        scores = scores[:, : generated.shape[1]]
         eos = self.model.config.text_config.sep_token_id
         # Positions after the first EOS are padding; the EOS itself counts (its probability is part of the caption).
         is_eos = (generated == eos).int()

@@ -282,7 +282,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", stage=stage.name)
                 log(entry)
                 epoch = state.stage_step / steps_per_epoch
-                at_max = cfg.max_steps is not None and state.global_step >= cfg.max_steps
+                run_done = si == len(self.recipe.stages) - 1 and state.stage_step == total
+                at_max = cfg.max_steps is not None and state.global_step >= cfg.max_steps and not run_done
                 if state.stage_step % eval_every == 0 or state.stage_step == total or at_max:
                     self._validate(model, processor, state, epoch, log)
                     self._save_checkpoint(model, processor, optimizer, scheduler, state)
