@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "reefcap.clients.cli",
     "reefcap.training.cli",
     "reefcap.server.cli",
+    "reefcap.training.train_cli",
 ]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3

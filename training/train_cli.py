@@ -1,0 +1,197 @@
+"""`reefcap train`, `reefcap eval` and `reefcap compare`: adapt a checkpoint with a recipe, score it, and
+compare protocols. Heavy imports happen inside the handlers so `reefcap --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from reefcap.models.errors import ReefcapError
+
+
+def _train_config(args: argparse.Namespace):
+    from .config import AugmentConfig, TrainConfig
+
+    aug = AugmentConfig(enabled=not args.no_augment, underwater_p=args.underwater_aug)
+    return TrainConfig(
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        clip_norm=args.clip_norm,
+        mixed_precision=args.mixed_precision,
+        device=args.device,
+        seed=getattr(args, "seed", 0),
+        max_steps=args.max_steps,
+        eval_every_epochs=args.eval_every,
+        eval_max_images=args.eval_max_images,
+        eval_beams=args.eval_beams,
+        augment=aug,
+    )
+
+
+def run_training(args: argparse.Namespace, recipe=None, seed: int | None = None, out: Path | None = None) -> dict:
+    from .config import load_recipe
+    from .data import load_records
+    from .trainer import Trainer
+
+    recipe = recipe or load_recipe(args.recipe)
+    if args.epochs_scale != 1.0:
+        recipe = recipe.scaled(args.epochs_scale)
+    config = _train_config(args)
+    if seed is not None:
+        config = replace(config, seed=seed)
+    train = load_records(args.data)
+    val = load_records(args.val) if args.val else None
+    air = load_records(args.preserve_data) if getattr(args, "preserve_data", None) else None
+    trainer = Trainer(
+        args.model,
+        recipe,
+        config,
+        out or Path(args.out),
+        train,
+        val,
+        air,
+        progress=not args.no_progress,
+    )
+    return trainer.run(resume=args.resume)
+
+
+def _train(args: argparse.Namespace) -> int:
+    summary = run_training(args)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(json.dumps({k: v for k, v in summary.items() if k != "evals"}))
+    return 0
+
+
+def _decode_options(args: argparse.Namespace):
+    from reefcap.models.engine import DecodeOptions
+
+    try:
+        return (
+            DecodeOptions()
+            .merged(
+                num_beams=args.beams,
+                max_length=args.max_length,
+                min_length=args.min_length,
+                repetition_penalty=args.repetition_penalty,
+            )
+            .validate()
+        )
+    except ValueError as exc:
+        raise ReefcapError(str(exc)) from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from reefcap.models.backends import load_engine
+    from reefcap.models.engine import EngineConfig
+
+    from .data import load_records
+    from .evaluation import evaluate, write_json
+
+    records = load_records(args.data)
+    if args.limit:
+        records = records[: args.limit]
+    options = _decode_options(args)
+    engine = load_engine(args.model, args.backend, EngineConfig(device=args.device, dtype=args.dtype))
+    metrics, predictions = evaluate(
+        engine, records, options, args.batch_size, meteor=not args.no_meteor, progress=not args.no_progress
+    )
+    info = engine.describe()
+    payload = {
+        "model": info.name,
+        "version": info.version,
+        "data": str(args.data),
+        "decode": asdict(options),
+        "metrics": metrics,
+    }
+    pred_path = Path(args.predictions) if args.predictions else None
+    if args.out:
+        out = Path(args.out)
+        pred_path = pred_path or out.with_name(out.stem + ".predictions.json")
+        payload["predictions"] = str(pred_path)
+        write_json(out, payload)
+    if pred_path:
+        write_json(pred_path, predictions)
+    print(json.dumps(metrics))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    report = run_compare(args)
+    print(json.dumps({"report": str(report)}))
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="start checkpoint: zoo name, local directory or hub id")
+    p.add_argument("--data", required=True, help="training captions (COCO JSON or any format `load_dataset` reads)")
+    p.add_argument("--val", help="validation captions; model selection on CIDEr + BLEU-4")
+    p.add_argument("--preserve-data", help="in-air training captions, for recipes with knowledge preservation")
+    p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (short runs)")
+    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--clip-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu forces CPU even with a GPU")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (resumable)")
+    p.add_argument("--eval-every", type=float, default=1.0, help="validate every N epochs (and at stage ends)")
+    p.add_argument("--eval-max-images", type=int, help="validate on the first N images only")
+    p.add_argument("--eval-beams", type=int, default=3)
+    p.add_argument("--no-augment", action="store_true", help="resize only (no crop, flip, RandAugment)")
+    p.add_argument(
+        "--underwater-aug",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="re-render training images underwater with probability P (extra augmentation)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="adapt a BLIP checkpoint with a recipe (DAMF, baselines, pretraining)")
+    train.add_argument("--recipe", required=True, help="bundled recipe name or a YAML file")
+    _add_run_options(train)
+    train.add_argument("--out", required=True, help="run directory: best/, last/, checkpoint/, log.jsonl, tb/")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(handler=_train)
+
+    ev = sub.add_parser("eval", help="caption a test set and score it (BLEU, METEOR, ROUGE-L, CIDEr, collapse)")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True, help="test captions")
+    ev.add_argument("--out", help="write metrics here (JSON); predictions go beside it in COCO results format")
+    ev.add_argument("--predictions", help="where to write the COCO-format predictions")
+    ev.add_argument("--backend", default="torch")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="fp32")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--beams", type=int)
+    ev.add_argument("--max-length", type=int)
+    ev.add_argument("--min-length", type=int)
+    ev.add_argument("--repetition-penalty", type=float)
+    ev.add_argument("--limit", type=int, help="evaluate the first N images only")
+    ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (a Java process; slowest metric)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(handler=_eval)
+
+    cmp_ = sub.add_parser("compare", help="train several recipes x seeds from one start and report the comparison")
+    cmp_.add_argument("--recipes", default="naive,low_lr,visual_only,damf,damf_preserve")
+    cmp_.add_argument("--seeds", type=int, default=3)
+    _add_run_options(cmp_)
+    cmp_.add_argument("--test", required=True, help="underwater test captions")
+    cmp_.add_argument("--test-air", help="in-air test captions (forgetting)")
+    cmp_.add_argument("--work", required=True, help="folder for the runs (one per recipe and seed)")
+    cmp_.add_argument("--report", required=True, help="Markdown report to write (plots beside it)")
+    cmp_.add_argument("--title", default="Protocol comparison")
+    cmp_.add_argument("--no-meteor", action="store_true")
+    cmp_.set_defaults(handler=_compare)
+
+    from .zoo import register as register_zoo
+
+    register_zoo(sub)

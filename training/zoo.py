@@ -1,0 +1,84 @@
+"""Package a trained run as a bundled model in ``models/zoo/<name>``: the Hugging Face files, and a
+``manifest.json`` saying how it was made (recipe, data seed, exact commands), how it scores on each test
+split, and the SHA-256 of every file, so a copy can be checked and the model rebuilt."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from reefcap.models.errors import ReefcapError
+from reefcap.models.registry import ZOO_DIR
+
+from .config import TRAIN_CONFIG_FILE
+
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "reefcap_factory.json",
+    TRAIN_CONFIG_FILE,
+)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pack(source: Path, name: str, manifest: dict, zoo: Path = ZOO_DIR) -> Path:
+    """Copy the checkpoint files of ``source`` to ``zoo/name`` and write its manifest with file hashes."""
+    if not (source / "config.json").is_file() or not (source / "model.safetensors").is_file():
+        raise ReefcapError(f"{source}: not a trained checkpoint (config.json + model.safetensors expected)")
+    dest = zoo / name
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for fname in MODEL_FILES:
+        if (source / fname).is_file():
+            shutil.copy(source / fname, dest / fname)
+    files = {p.name: sha256(p) for p in sorted(dest.iterdir())}
+    (dest / "manifest.json").write_text(json.dumps({"name": name, **manifest, "files": files}, indent=2) + "\n")
+    return dest
+
+
+def _pack(args: argparse.Namespace) -> int:
+    metrics = {}
+    for item in args.metrics:
+        split, _, path = item.partition("=")
+        if not path:
+            raise ReefcapError(f"--metrics takes SPLIT=results.json, got {item!r}")
+        metrics[split] = json.loads(Path(path).read_text())["metrics"]
+    source = Path(args.source)
+    train = json.loads((source / TRAIN_CONFIG_FILE).read_text()) if (source / TRAIN_CONFIG_FILE).is_file() else {}
+    manifest = {
+        "description": args.description,
+        "recipe": train.get("recipe", {}).get("name"),
+        "data": {"generator": args.data_command, "seed": args.data_seed},
+        "commands": args.command,
+        "metrics": metrics,
+    }
+    dest = pack(source, args.name, manifest, Path(args.zoo) if args.zoo else ZOO_DIR)
+    print(json.dumps({"name": args.name, "path": str(dest)}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo-pack", help="bundle a trained checkpoint into models/zoo with a manifest")
+    p.add_argument("source", help="checkpoint folder (a run's best/)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--description", default="")
+    p.add_argument("--data-command", default="", help="the command that generated the training data")
+    p.add_argument("--data-seed", type=int)
+    p.add_argument("--command", action="append", default=[], help="exact command used (repeatable, in order)")
+    p.add_argument("--metrics", action="append", default=[], help="SPLIT=results.json from `reefcap eval --out`")
+    p.add_argument("--zoo", help="zoo folder (default: the installed models/zoo)")
+    p.set_defaults(handler=_pack)
