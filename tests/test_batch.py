@@ -100,3 +100,28 @@ def test_coco_results_and_stdout_mode(varied_model, euvp_images, tmp_path):
 
     again = reefcap("caption", str(manifest), "-o", str(out), "--model", str(varied_model))
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_references_are_scored_with_the_caption_metrics(engine, varied_model, euvp_images, tmp_path):
+    """References equal to the model's own greedy captions score BLEU-1 = 1; unrelated ones score lower."""
+    images = euvp_images[:4]
+    own = [c.caption for c in engine.caption(images, DecodeOptions.greedy())]
+    assert all(len(c.split()) >= 1 for c in own)
+
+    def run(refs: list[str], name: str) -> dict:
+        coco = {
+            "images": [{"id": i, "file_name": str(p)} for i, p in enumerate(images)],
+            "annotations": [{"id": i, "image_id": i, "caption": r} for i, r in enumerate(refs)],
+        }
+        ref_file = tmp_path / f"{name}.json"
+        ref_file.write_text(json.dumps(coco))
+        out = tmp_path / f"{name}.jsonl"
+        args = ["caption", str(ref_file), "-o", str(out), "--references", str(ref_file)]
+        result = reefcap(*args, "--model", str(varied_model), "--greedy", timeout=300)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stderr.strip().splitlines()[-1])["summary"]["metrics"]
+
+    same = run(own, "same")
+    other = run(["a large white shark swims above a wreck"] * 4, "other")
+    assert same["images"] == 4 and same["Bleu_1"] > 0.99
+    assert other["Bleu_1"] < same["Bleu_1"] and {"CIDEr", "METEOR", "ROUGE_L", "distinct_2"} <= set(same)
