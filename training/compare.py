@@ -149,8 +149,8 @@ def _markdown(args, results: dict[str, list[dict]], splits: dict[str, Path], plo
         f"# {args.title}",
         "",
         f"Start model `{args.model}`; training data `{args.data}`; validation `{args.val}`; "
-        f"{args.seeds} seed(s) per protocol; epochs scaled by {args.epochs_scale}. Scores are pycocoevalcap "
-        "fractions of the model selected on validation CIDEr + BLEU-4; mean ± std over seeds.",
+        f"{args.seeds} seed(s) per protocol; epochs scaled by {args.epochs_scale}, lrs by {args.lr_scale}. Scores are "
+        "pycocoevalcap fractions of the model selected on validation CIDEr + BLEU-4; mean ± std over seeds.",
         "",
         *lines,
         "",

@@ -74,6 +74,10 @@ class Recipe:
         """The same recipe with every stage's epochs multiplied by ``factor`` (short runs, comparisons)."""
         return replace(self, stages=tuple(replace(s, epochs=s.epochs * factor) for s in self.stages))
 
+    def lr_scaled(self, factor: float) -> Recipe:
+        """The same recipe with every stage's lr multiplied by ``factor`` (models far from BLIP-base's size)."""
+        return replace(self, stages=tuple(replace(s, lr=s.lr * factor) for s in self.stages))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -38,6 +38,8 @@ def run_training(args: argparse.Namespace, recipe=None, seed: int | None = None,
     recipe = recipe or load_recipe(args.recipe)
     if args.epochs_scale != 1.0:
         recipe = recipe.scaled(args.epochs_scale)
+    if args.lr_scale != 1.0:
+        recipe = recipe.lr_scaled(args.lr_scale)
     config = _train_config(args)
     if seed is not None:
         config = replace(config, seed=seed)
@@ -133,6 +135,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", help="validation captions; model selection on CIDEr + BLEU-4")
     p.add_argument("--preserve-data", help="in-air training captions, for recipes with knowledge preservation")
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (short runs)")
+    p.add_argument("--lr-scale", type=float, default=1.0, help="multiply every stage's lr (small models)")
     p.add_argument("--batch-size", type=int, default=16, help="per process")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--clip-norm", type=float, default=1.0, help="0 disables clipping")
