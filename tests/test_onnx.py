@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from reefcap.models.backends import BACKENDS, load_engine
@@ -180,7 +181,10 @@ def test_golden_output(golden_model, euvp_images, tmp_path):
 def test_int8_agreement(varied_model, onnx_engine, euvp_images, tmp_path):
     folder = export_onnx(str(varied_model), tmp_path / "int8", "int8")
     assert read_manifest(folder)["precision"] == "int8"
-    assert (folder / DECODER).stat().st_size < 0.5 * (onnx_engine.folder / DECODER).stat().st_size
+    assert (folder / DECODER).stat().st_size < 0.8 * (onnx_engine.folder / DECODER).stat().st_size
+    for graph in (ENCODER, DECODER):  # the feed-forward and attention-output projections really are int8
+        ops = [n.op_type for n in onnx.load(str(folder / graph), load_external_data=False).graph.node]
+        assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") >= 8, graph
     int8 = OnnxCaptionEngine.load(str(folder), EngineConfig(device="cpu", dtype="int8"), threads=1)
     ref = onnx_engine.caption(euvp_images, DecodeOptions.greedy())
     got = int8.caption(euvp_images, DecodeOptions.greedy())
