@@ -19,7 +19,6 @@ checkpoint, opset, precision and file hashes. Only the export needs torch; the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError, ReefcapError
-from .registry import ResolvedModel, resolve_model
+from .registry import ResolvedModel, resolve_model, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "reefcap-onnx/1"
@@ -42,14 +41,6 @@ def cache_root() -> Path:
     """Where exports made on first use are kept: ``$REEFCAP_CACHE/onnx`` or ``~/.cache/reefcap/onnx``."""
     base = os.environ.get("REEFCAP_CACHE")
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "reefcap") / "onnx"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_export(folder: Path) -> bool:

@@ -6,6 +6,7 @@ local HF cache first, then the network). Only safetensors weights are ever fetch
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +27,15 @@ class ResolvedModel:
     name: str
     path: Path
     origin: str  # "zoo" | "local" | "hub"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (manifests record these for every file they describe)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def zoo_models() -> dict[str, Path]:

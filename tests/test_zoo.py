@@ -8,7 +8,7 @@ import json
 import pytest
 
 from reefcap.cli import main
-from reefcap.training.zoo import sha256
+from reefcap.models.registry import sha256_file as sha256
 
 BUNDLED = ("reefscenes-tiny", "reefscenes-tiny-damf")
 

@@ -5,13 +5,12 @@ split, and the SHA-256 of every file, so a copy can be checked and the model reb
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from reefcap.models.errors import ReefcapError
-from reefcap.models.registry import ZOO_DIR
+from reefcap.models.registry import ZOO_DIR, sha256_file
 
 from .config import TRAIN_CONFIG_FILE
 
@@ -27,14 +26,6 @@ MODEL_FILES = (
 )
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def pack(source: Path, name: str, manifest: dict, zoo: Path = ZOO_DIR) -> Path:
     """Copy the checkpoint files of ``source`` to ``zoo/name`` and write its manifest with file hashes."""
     if not (source / "config.json").is_file() or not (source / "model.safetensors").is_file():
@@ -45,7 +36,7 @@ def pack(source: Path, name: str, manifest: dict, zoo: Path = ZOO_DIR) -> Path:
     for fname in MODEL_FILES:
         if (source / fname).is_file():
             shutil.copy(source / fname, dest / fname)
-    files = {p.name: sha256(p) for p in sorted(dest.iterdir())}
+    files = {p.name: sha256_file(p) for p in sorted(dest.iterdir())}
     (dest / "manifest.json").write_text(json.dumps({"name": name, **manifest, "files": files}, indent=2) + "\n")
     return dest
 
