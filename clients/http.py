@@ -28,6 +28,8 @@ from reefcap.models.engine import DecodeOptions
 from reefcap.models.errors import ReefcapError
 
 RETRY_STATUS = {429, 503}
+# Failures before any answer: the request is safe to send again (captioning has no side effect to repeat).
+RETRY_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
 ImageInput = str | os.PathLike | bytes | Image.Image
 
 
@@ -137,8 +139,14 @@ class _Base:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
 
-    def _should_retry(self, attempt: int, response: httpx.Response | None) -> bool:
-        return attempt < self.retry.retries and (response is None or response.status_code in RETRY_STATUS)
+    def _wait_before_retry(self, attempt: int, outcome: httpx.Response | Exception) -> float | None:
+        """Seconds to wait before trying again, or None when ``outcome`` is final (a failure is re-raised)."""
+        response = outcome if isinstance(outcome, httpx.Response) else None
+        if attempt < self.retry.retries and (response is None or response.status_code in RETRY_STATUS):
+            return self.retry.delay(attempt, response)
+        if response is None:
+            raise outcome
+        return None
 
 
 class ReefcapClient(_Base):
@@ -156,18 +164,17 @@ class ReefcapClient(_Base):
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport)
 
     def _post(self, path: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(self.retry.retries + 1):
+        attempt = 0
+        while True:
             try:
-                response = self._http.post(path, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
-                if not self._should_retry(attempt, None):
-                    raise
-                time.sleep(self.retry.delay(attempt, None))
-                continue
-            if not self._should_retry(attempt, response):
-                return response
-            time.sleep(self.retry.delay(attempt, response))
-        raise AssertionError("unreachable")
+                outcome: httpx.Response | Exception = self._http.post(path, **kwargs)
+            except RETRY_ERRORS as exc:
+                outcome = exc
+            wait = self._wait_before_retry(attempt, outcome)
+            if wait is None:
+                return outcome
+            time.sleep(wait)
+            attempt += 1
 
     def caption(self, image: ImageInput, options: DecodeOptions | dict | None = None) -> CaptionResult:
         """Caption one image (a path, encoded bytes or a PIL image)."""
@@ -223,18 +230,17 @@ class AsyncReefcapClient(_Base):
         )
 
     async def _post(self, path: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(self.retry.retries + 1):
+        attempt = 0
+        while True:
             try:
-                response = await self._http.post(path, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
-                if not self._should_retry(attempt, None):
-                    raise
-                await asyncio.sleep(self.retry.delay(attempt, None))
-                continue
-            if not self._should_retry(attempt, response):
-                return response
-            await asyncio.sleep(self.retry.delay(attempt, response))
-        raise AssertionError("unreachable")
+                outcome: httpx.Response | Exception = await self._http.post(path, **kwargs)
+            except RETRY_ERRORS as exc:
+                outcome = exc
+            wait = self._wait_before_retry(attempt, outcome)
+            if wait is None:
+                return outcome
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def caption(self, image: ImageInput, options: DecodeOptions | dict | None = None) -> CaptionResult:
         """Caption one image (a path, encoded bytes or a PIL image)."""

@@ -99,3 +99,23 @@ def test_retry_after_http_date_and_backoff_growth():
     response = httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
     assert policy.delay(0, response) == 0.0  # a date in the past: retry now
     assert 0.05 <= policy.delay(0, None) <= 0.1 and 0.4 <= policy.delay(3, None) <= 0.8
+
+
+def test_connection_failures_are_retried_then_raised():
+    calls = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json=OK)
+
+    fast = RetryPolicy(retries=1, backoff_s=0.01)
+    assert ReefcapClient("http://x", transport=httpx.MockTransport(flaky), retry=fast).caption(b"a").caption
+    assert len(calls) == 2
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(httpx.ConnectError):
+        ReefcapClient("http://x", transport=httpx.MockTransport(down), retry=fast).caption(b"a")
