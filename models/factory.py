@@ -59,31 +59,40 @@ class TinyConfig:
 
 
 def train_wordpiece(captions: Iterable[str], vocab_size: int, pad_to: int | None = None):
-    """Train a BERT-style uncased WordPiece tokenizer and wrap it as the ``BertTokenizer`` BLIP uses.
+    """Build a BERT-style uncased WordPiece tokenizer from captions, wrapped as the ``BertTokenizer`` BLIP uses.
 
-    ``[DEC]`` (decoder BOS) and ``[ENC]`` are added after the vocabulary, as in the base checkpoint. With
-    ``pad_to``, unused ``[unusedN]`` entries fill the vocabulary to that size first, so ids match BLIP-base.
+    The vocabulary is the special tokens, every ASCII letter, digit and punctuation mark (alone and, for
+    letters and digits, as a word-internal ``##x`` piece, so any word stays spellable), then the corpus's
+    whole words by frequency, ties broken alphabetically. It is built here rather than by the ``tokenizers``
+    WordPiece trainer because that trainer breaks frequency ties in hash order: the same captions gave a
+    different vocabulary on every run. ``[DEC]`` (decoder BOS) and ``[ENC]`` are added after the vocabulary,
+    as in the base checkpoint. With ``pad_to``, ``[unusedN]`` entries first fill the vocabulary to that size,
+    so ids match BLIP-base.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizer
 
-    captions = list(captions)
-    # The prompt must tokenise to real words, never [UNK], or every caption would start with unknowns.
-    # One word running through every letter and digit gives each a word-internal "##x" piece too.
-    alnum = string.ascii_lowercase + string.digits
-    corpus = [BLIP_PROMPT, alnum + alnum, *captions]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=True, strip_accents=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        min_frequency=1,
-        show_progress=False,
-        # Every ASCII letter, digit and punctuation mark stays spellable, even if the corpus never used it.
-        initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
+    normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=True, strip_accents=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The prompt must tokenise to whole words, never pieces or [UNK]: every caption starts with it.
+    counts = Counter(
+        word
+        for text in (BLIP_PROMPT, *captions)
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
     )
-    tok.train_from_iterator(corpus, trainer)
+    alnum = string.ascii_lowercase + string.digits
+    base = [*SPECIAL_TOKENS, *alnum, *string.punctuation, *(f"##{c}" for c in alnum)]
+    known = set(base)
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in known]
+    vocab = base + words[: max(0, vocab_size - len(base))]
+    tok = Tokenizer(
+        models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", max_input_chars_per_word=100)
+    )
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.add_special_tokens(SPECIAL_TOKENS)
     if pad_to is not None:
         vocab = tok.get_vocab()
         filler = [f"[unused{i}]" for i in range(max(0, pad_to - len(vocab)))]

@@ -242,6 +242,7 @@ def test_corrupt_primary_at_start_serves_fallback(tiny_model, tmp_path):
 
 def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
     from reefcap.server.cli import register  # noqa: F401 - the export command is exercised below via main()
+    from reefcap.server.feedback import _tokens
     from reefcap.training.datasets import load_dataset
 
     s = settings(tmp_path)
@@ -255,8 +256,9 @@ def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
             ).json()
             served.append((body["request_id"], body["results"][0]["caption"], p))
         # BLEU-4 needs four words: the first caption that long gets itself as reference, two others unrelated ones.
-        served = sorted(served, key=lambda s: len(s[1].split()) < 4)[:3]
-        assert len(served[0][1].split()) >= 4, served
+        # Words as the rolling scorer counts them (runs of letters and digits; punctuation is dropped).
+        served = sorted(served, key=lambda s: len(_tokens(s[1]).split()) < 4)[:3]
+        assert len(_tokens(served[0][1]).split()) >= 4, served
         r = await client.post("/v1/feedback", json={"request_id": served[0][0], "references": [served[0][1]]})
         assert r.status_code == 200, r.text
         perfect = r.json()["rolling"]
