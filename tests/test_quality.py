@@ -63,7 +63,7 @@ def test_uiconm_of_a_fine_checkerboard_is_minus_r_log_r():
 def test_eme_and_trimmed_mean_follow_their_definitions():
     block = np.ones((20, 20))
     block[::2, ::2] = 4.0  # every 10x10 block: max 4, min 1
-    assert quality._eme(block) == pytest.approx(2.0 * math.log(4.0))
+    assert quality._eme(block[None])[0] == pytest.approx(2.0 * math.log(4.0))
     values = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 1000], dtype=float)
     assert quality._trimmed_mean(values) == pytest.approx(5.5)  # 1 and 1000 trimmed
 
@@ -97,3 +97,13 @@ def test_enhanced_euvp_photos_score_above_raw_on_average(euvp_images):
     enhanced = [np.asarray(Image.open(p.parent.parent / "enhanced" / p.name).convert("RGB")) for p in euvp_images]
     for fn in (quality.uiqm, quality.uciqe):
         assert np.mean([fn(x) for x in enhanced]) > np.mean([fn(x) for x in raw]), fn.__name__
+
+
+def test_histogram_trimmed_mean_equals_the_sorted_definition():
+    rng = np.random.default_rng(3)
+    for k in (1, 5, 10, 11, 999, 4096):
+        codes = rng.integers(0, 1021, k)
+        values = (codes - 510) / 2.0
+        mu, var = quality._histogram_stats(codes, 1021, 510, 2.0)
+        assert mu == pytest.approx(quality._trimmed_mean(values), abs=1e-9), k
+        assert var == pytest.approx(float(np.mean((values - mu) ** 2)), rel=1e-9), k
