@@ -24,6 +24,7 @@ from .engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineI
 from .errors import ModelLoadError
 from .onnx_decode import beam_search, greedy
 from .onnx_export import DECODER, ENCODER, PRECISIONS, cached_export, read_manifest
+from .pixels import FastPixels
 
 THREADS_ENV = "REEFCAP_ORT_THREADS"
 
@@ -151,6 +152,7 @@ class OnnxCaptionEngine(CaptionEngine):
         self.folder, self.manifest, self.config = folder, manifest, config
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.image_processor = BlipImageProcessorPil.from_pretrained(folder)
+        self.fast_pixels = FastPixels.for_processor(self.image_processor)
         kind, _, index = device.partition(":")
         self.device = device
         self.runner = (
@@ -181,6 +183,8 @@ class OnnxCaptionEngine(CaptionEngine):
         return cls(folder, manifest, config, device, threads)
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if self.fast_pixels is not None and self.fast_pixels.accepts(images):
+            return self.fast_pixels(images)  # bit-identical to the processor, a batch at a time
         return self.image_processor(images=list(images), return_tensors="np")["pixel_values"].astype(np.float32)
 
     def prompt_ids(self, prompt: str) -> list[int]:

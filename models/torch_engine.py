@@ -12,6 +12,7 @@ from PIL import Image
 
 from .engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo, strip_prompt
 from .errors import ModelLoadError
+from .pixels import FastPixels
 from .registry import ResolvedModel, resolve_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,6 +70,7 @@ class TorchCaptionEngine(CaptionEngine):
         self.config = config
         self.device = next(model.parameters()).device
         self._version = weights_version(resolved.path)
+        self.fast_pixels = FastPixels.for_processor(processor.image_processor)
 
     @classmethod
     def load(cls, model: str, config: EngineConfig | None = None) -> TorchCaptionEngine:
@@ -80,6 +82,8 @@ class TorchCaptionEngine(CaptionEngine):
         return cls(blip.to(pick_device(config.device)), processor, resolved, config)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if self.fast_pixels is not None and self.fast_pixels.accepts(images):
+            return torch.from_numpy(self.fast_pixels(images))  # bit-identical to the processor's output
         return self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     @torch.inference_mode()
