@@ -9,6 +9,7 @@ references; ``export`` writes the images and references as a COCO-captions train
 from __future__ import annotations
 
 import io
+import logging
 import re
 import sqlite3
 import threading
@@ -38,6 +39,7 @@ CREATE INDEX IF NOT EXISTS feedback_item ON feedback (request_id, idx);
 # Served images are stored as sent when small, else re-encoded: training pipelines resize far below this.
 MAX_STORED_BYTES = 1 << 20
 MAX_STORED_SIDE = 1024
+log = logging.getLogger("reefcap.server")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -65,39 +67,82 @@ def stored_image(data: bytes, image: Image.Image) -> tuple[bytes, str]:
 
 
 class FeedbackStore:
-    """Thread-safe SQLite store; callers on the event loop use it through ``asyncio.to_thread``."""
+    """Thread-safe SQLite store. Served images are written behind: ``record_served`` only queues them and one
+    writer thread commits everything queued in one transaction (group commit), so a busy server pays one
+    commit per burst instead of one per request. Reads flush the queue first, and ``close`` drains it."""
 
-    def __init__(self, path: str | Path, retain: int = 20_000) -> None:
+    def __init__(self, path: str | Path, retain: int = 20_000, max_pending_bytes: int = 64 << 20) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.retain = retain
-        self._lock = threading.Lock()
+        self.max_pending_bytes = max_pending_bytes
+        self._lock = threading.Lock()  # the connection
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
         self._db.executescript(SCHEMA)
         self._inserts = 0
+        self._pending: list[tuple] = []
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self.dropped = 0  # served rows not kept because the writer fell too far behind
+        self._writer = threading.Thread(target=self._write_loop, name="reefcap-feedback-writer", daemon=True)
+        self._writer.start()
 
     def close(self) -> None:
+        """Write everything queued, stop the writer and close the database."""
+        self._closed = True
+        self._wake.set()
+        self._writer.join(timeout=30)
+        self.flush()
         with self._lock:
             self._db.close()
 
     def record_served(self, request_id: str, rows: Sequence[dict[str, Any]]) -> None:
-        """Keep served images: dicts of idx, model, version, caption, fallback_reason, image, ext, width, height."""
+        """Queue served images for the writer (returns at once; safe on the event loop): dicts of idx, model,
+        version, caption, fallback_reason, image, ext, width, height."""
         now = time.time()
-        with self._lock, self._db:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO served VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (request_id, r["idx"], r["model"], r["version"], r["caption"], r.get("fallback_reason"))
-                    + (r["image"], r["ext"], r["width"], r["height"], now)
-                    for r in rows
-                ],
-            )
-            self._inserts += len(rows)
-            if self._inserts >= 256:
-                self._inserts = 0
-                self._prune()
+        batch = [
+            (request_id, r["idx"], r["model"], r["version"], r["caption"], r.get("fallback_reason"))
+            + (r["image"], r["ext"], r["width"], r["height"], now)
+            for r in rows
+        ]
+        size = sum(len(r["image"]) for r in rows)
+        with self._pending_lock:
+            if self._pending_bytes + size > self.max_pending_bytes:  # the disk cannot keep up: keep serving
+                self.dropped += len(batch)
+                log.warning("feedback writer is behind: not keeping %d served images of %s", len(batch), request_id)
+                return
+            self._pending.extend(batch)
+            self._pending_bytes += size
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Commit every queued served image now (reads call this, so they see what was served)."""
+        # Taken under the connection lock: a reader that finds the queue empty cannot overtake rows that
+        # another thread took from the queue and has not committed yet.
+        with self._lock:
+            with self._pending_lock:
+                batch, self._pending, self._pending_bytes = self._pending, [], 0
+            if not batch:
+                return
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO served VALUES (?,?,?,?,?,?,?,?,?,?,?)", batch)
+                self._inserts += len(batch)
+                if self._inserts >= 256:
+                    self._inserts = 0
+                    self._prune()
+
+    def _write_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception as exc:  # a full disk must not stop the server; the captions were already served
+                log.error("could not record served images for feedback: %s", exc)
 
     def _prune(self) -> None:
         self._db.execute(
@@ -108,6 +153,7 @@ class FeedbackStore:
 
     def add(self, request_id: str, idx: int, references: Sequence[str]) -> str:
         """Store references for one served image; returns the model that captioned it."""
+        self.flush()
         with self._lock, self._db:
             row = self._db.execute(
                 "SELECT model FROM served WHERE request_id = ? AND idx = ?", (request_id, idx)
@@ -123,6 +169,7 @@ class FeedbackStore:
 
     def pairs(self, model: str, window: int) -> list[tuple[str, list[str]]]:
         """(served caption, references) for the latest ``window`` images of ``model`` with feedback."""
+        self.flush()
         with self._lock:
             rows = self._db.execute(
                 "SELECT s.request_id, s.idx, s.caption, f.reference FROM served s JOIN feedback f "
@@ -151,6 +198,7 @@ class FeedbackStore:
         return {"Bleu_4": float(bleu[3]), "CIDEr": float(cider), "images": float(len(pairs))}
 
     def models_with_feedback(self) -> list[str]:
+        self.flush()
         with self._lock:
             rows = self._db.execute(
                 "SELECT DISTINCT s.model FROM served s JOIN feedback f ON f.request_id = s.request_id AND f.idx = s.idx"
@@ -161,6 +209,7 @@ class FeedbackStore:
         """Write every image with references as a COCO-captions set: ``out/captions.json`` + ``out/images/``."""
         from reefcap.training.datasets import CaptionRecord, write_coco
 
+        self.flush()
         out = Path(out)
         (out / "images").mkdir(parents=True, exist_ok=True)
         with self._lock:
