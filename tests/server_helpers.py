@@ -84,6 +84,15 @@ class LiveServer:
         self.stop()
         raise RuntimeError(f"server not ready in time: {log_path.read_text()[-2000:]}")
 
+    @classmethod
+    def torch_cpu(cls, tmp: Path, model: Path, fallback: Path, **settings: object) -> LiveServer:
+        """A PyTorch-on-CPU server for ``model`` and ``fallback`` with its feedback database and log in ``tmp``;
+        ``settings`` are further server settings by name (``max_wait_ms=50`` -> ``REEFCAP_MAX_WAIT_MS``)."""
+        env = {"REEFCAP_MODEL": str(model), "REEFCAP_FALLBACK": str(fallback), "REEFCAP_BACKEND": "torch"}
+        env |= {"REEFCAP_DEVICE": "cpu", "REEFCAP_FEEDBACK_DB": str(tmp / "fb.sqlite3")}
+        env |= {f"REEFCAP_{name.upper()}": str(value) for name, value in settings.items()}
+        return cls(env, tmp / "server.log")
+
     def metrics(self) -> str:
         import httpx
 

@@ -20,17 +20,7 @@ KEY = "client-test-key"
 @pytest.fixture(scope="module")
 def server(varied_model, tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("client-live")
-    env = {
-        "REEFCAP_MODEL": str(varied_model),
-        "REEFCAP_FALLBACK": str(tiny_model),
-        "REEFCAP_BACKEND": "torch",
-        "REEFCAP_DEVICE": "cpu",
-        "REEFCAP_NUM_BEAMS": "1",
-        "REEFCAP_MAX_WAIT_MS": "30",
-        "REEFCAP_API_KEY": KEY,
-        "REEFCAP_FEEDBACK_DB": str(tmp / "fb.sqlite3"),
-    }
-    srv = LiveServer(env, tmp / "server.log")
+    srv = LiveServer.torch_cpu(tmp, varied_model, tiny_model, num_beams=1, max_wait_ms=30, api_key=KEY)
     yield srv
     srv.stop()
 

@@ -38,18 +38,9 @@ def models(varied_model, tiny_model, tmp_path_factory):
 def server(models, tmp_path_factory):
     """Primary + fallback, small batches and a small queue so overload is reachable, an API key."""
     tmp = tmp_path_factory.mktemp("live-a")
-    env = {
-        "REEFCAP_MODEL": str(models["primary"]),
-        "REEFCAP_FALLBACK": str(models["fallback"]),
-        "REEFCAP_BACKEND": "torch",
-        "REEFCAP_DEVICE": "cpu",
-        "REEFCAP_MAX_BATCH_SIZE": "8",
-        "REEFCAP_MAX_WAIT_MS": "50",
-        "REEFCAP_MAX_QUEUE": "16",
-        "REEFCAP_API_KEY": KEY,
-        "REEFCAP_FEEDBACK_DB": str(tmp / "fb.sqlite3"),
-    }
-    srv = LiveServer(env, tmp / "server.log")
+    srv = LiveServer.torch_cpu(
+        tmp, models["primary"], models["fallback"], max_batch_size=8, max_wait_ms=50, max_queue=16, api_key=KEY
+    )
     yield srv
     srv.stop()
 
@@ -58,16 +49,7 @@ def server(models, tmp_path_factory):
 def broken_server(models, tmp_path_factory):
     """Corrupt primary, and a long max wait so a queued request stays queued long enough to walk away from."""
     tmp = tmp_path_factory.mktemp("live-b")
-    env = {
-        "REEFCAP_MODEL": str(models["corrupt"]),
-        "REEFCAP_FALLBACK": str(models["fallback"]),
-        "REEFCAP_BACKEND": "torch",
-        "REEFCAP_DEVICE": "cpu",
-        "REEFCAP_MAX_BATCH_SIZE": "64",
-        "REEFCAP_MAX_WAIT_MS": "1500",
-        "REEFCAP_FEEDBACK_DB": str(tmp / "fb.sqlite3"),
-    }
-    srv = LiveServer(env, tmp / "server.log")
+    srv = LiveServer.torch_cpu(tmp, models["corrupt"], models["fallback"], max_batch_size=64, max_wait_ms=1500)
     yield srv
     srv.stop()
 
