@@ -148,7 +148,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(model: str, backend: str, dtype: str, args: argparse.Namespace, tmp: Path) -> subprocess.Popen:
+def _serve(model: str, backend: str, dtype: str, args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen, int]:
+    """A ready ``reefcap serve`` subprocess and its port."""
     port = _free_port()
     cmd = [sys.executable, "-m", "reefcap.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--model", model, "--fallback", "none", "--backend", backend, "--log-level", "warning"]
@@ -156,12 +157,11 @@ def _serve(model: str, backend: str, dtype: str, args: argparse.Namespace, tmp: 
     env = {**os.environ, "REEFCAP_MAX_LENGTH": str(args.max_length), "REEFCAP_NUM_BEAMS": "1"}
     env.update(REEFCAP_MAX_QUEUE="1024", REEFCAP_DTYPE=dtype)
     proc = subprocess.Popen(cmd, env=env)
-    proc.port = port  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc
+                return proc, port
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
@@ -174,7 +174,7 @@ def _serve(model: str, backend: str, dtype: str, args: argparse.Namespace, tmp: 
 def stage_costs(model: str, images: list[bytes], dtype: str, batch: int = 32) -> dict[str, float]:
     """CPU ms per image of each stage an upload goes through, one thread, nothing else running: decoding,
     UIQM/UCIQE, BLIP preprocessing and inference at ``batch`` images (more than the server's batches hold)."""
-    from reefcap.models.backends import load_engine
+    from reefcap.models.backends import engine_class
     from reefcap.models.engine import DecodeOptions, EngineConfig
     from reefcap.models.images import ImageLimits, load_image
     from reefcap.server.service import decode_one
@@ -188,8 +188,7 @@ def stage_costs(model: str, images: list[bytes], dtype: str, batch: int = 32) ->
         return round(best, 3)
 
     limits = ImageLimits()
-    os.environ["REEFCAP_ORT_THREADS"] = "1"
-    engine = load_engine(model, "onnx", EngineConfig(dtype=dtype))
+    engine = engine_class("onnx").load(model, EngineConfig(dtype=dtype), threads=1)
     decoded = [load_image(d, limits) for d in images]
     group = (decoded * (batch // len(decoded) + 1))[:batch]
     pixels = engine.preprocess(group)
@@ -205,20 +204,20 @@ def stage_costs(model: str, images: list[bytes], dtype: str, batch: int = 32) ->
 
 
 def _drive(model: str, dtype: str, images: list[bytes], args: argparse.Namespace, tmp: Path) -> list[dict]:
-    proc = _serve(model, args.backend, dtype, args, tmp)
+    proc, port = _serve(model, args.backend, dtype, args, tmp)
     try:
-        status = httpx.get(f"http://127.0.0.1:{proc.port}/readyz").json()["primary"]  # type: ignore[attr-defined]
+        status = httpx.get(f"http://127.0.0.1:{port}/readyz").json()["primary"]
         label = f"{status['backend']} {status['dtype']}"
-        asyncio.run(_load(proc.port, images, 8, 64, proc.pid))  # type: ignore[attr-defined]  # warm-up
+        asyncio.run(_load(port, images, 8, 64, proc.pid))  # warm-up
         rows = []
         for c in (1, 8, 32):
             total = c * args.requests if c > 1 else 3 * args.requests
-            row = asyncio.run(_load(proc.port, images, c, total, proc.pid))  # type: ignore[attr-defined]
+            row = asyncio.run(_load(port, images, c, total, proc.pid))
             row["server"] = label
             rows.append(row)
             print(f"server ({label}) {row}", flush=True)
         # The HTTP floor: what the server spends on a request that captions nothing (a 1-byte body -> 400).
-        floor = asyncio.run(_load(proc.port, [b"x"], 32, 32 * args.requests, proc.pid))  # type: ignore[attr-defined]
+        floor = asyncio.run(_load(port, [b"x"], 32, 32 * args.requests, proc.pid))
         rows[-1]["request_floor_cpu_ms"] = floor.get("server_cpu_ms_per_image")
         return rows
     finally:
