@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from .errors import ReefcapError
-
-REPO = Path(__file__).resolve().parents[1]
+from .samples import sample_photos
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -23,11 +21,6 @@ def _export(args: argparse.Namespace) -> int:
     manifest = read_manifest(folder)
     print(json.dumps({"out": str(folder), "precision": manifest["precision"], "files": manifest["files"]}))
     return 0
-
-
-def _default_images() -> Path:
-    shared = Path(os.environ.get("REEFCAP_SHARED", REPO.parent / "shared"))
-    return shared / "data" / "euvp-test" / "raw"
 
 
 def _bench_model(name: str) -> str:
@@ -60,10 +53,13 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import engine_variants, machine_note, markdown, run_bench
 
     sizes = _parse_sizes(args.batch_sizes)
-    folder = Path(args.images) if args.images else _default_images()
-    images = sorted(p for p in folder.glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    if not images:
-        raise ReefcapError(f"no images in {folder}; pass --images DIR")
+    if args.images:
+        folder = Path(args.images)
+        images = sorted(p for p in folder.glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        if not images:
+            raise ReefcapError(f"no images in {folder}; pass --images DIR")
+    else:
+        images = sample_photos("raw")
     variants = None
     if args.engines:
         known = {f"{b}:{d}:{t}": (b, d, t) for b, d, t in engine_variants(torch_cuda=True, ort_cuda=True)}
@@ -111,7 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--model", required=True, help="checkpoint, or `tiny` / `blip-base-shape` to create one")
     b.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     b.add_argument("--engines", help="comma list of backend:device:dtype (default: all usable here)")
-    b.add_argument("--images", help="folder of photos (default: ../shared/data/euvp-test/raw)")
+    b.add_argument("--images", help="folder of photos (default: the EUVP samples in examples/photos/euvp/raw)")
     b.add_argument("--caption-length", type=int, default=20, help="fixed tokens per caption, prompt included")
     b.add_argument("--budget", type=float, default=10.0, help="seconds per (engine, batch size) cell")
     b.add_argument("--repeats", type=int, default=5, help="most batches per cell")

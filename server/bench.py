@@ -27,14 +27,15 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _images(limit: int) -> list[bytes]:
-    shared = Path(os.environ.get("REEFCAP_SHARED", REPO.parent / "shared"))
-    paths = sorted((shared / "data" / "euvp-test" / "raw").glob("*.jpg"), key=lambda p: int(p.stem))[:limit]
-    if paths:
-        return [p.read_bytes() for p in paths]
+    from reefcap.models.errors import ReefcapError
+    from reefcap.models.samples import sample_photos
+
+    try:
+        return [p.read_bytes() for p in sample_photos("raw")[:limit]]
+    except ReefcapError:  # an installed wheel has no examples/: noise images of the same size
+        pass
     import io
 
     import numpy as np
@@ -42,7 +43,7 @@ def _images(limit: int) -> list[bytes]:
 
     rng = np.random.default_rng(0)
     out = []
-    for _ in range(limit):  # no shared photos: noise images of the same size
+    for _ in range(limit):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, format="JPEG")
         out.append(buf.getvalue())

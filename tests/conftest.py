@@ -1,4 +1,4 @@
-"""Shared fixtures: real tiny BLIP checkpoints built on the fly, and the real EUVP photos from ../shared."""
+"""Shared fixtures: real tiny BLIP checkpoints built on the fly, and the real EUVP photos shipped in examples/."""
 
 from __future__ import annotations
 
@@ -11,17 +11,12 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("REEFCAP_SHARED", REPO.parent / "shared"))
-EUVP_RAW = SHARED / "data" / "euvp-test" / "raw"
-
 
 @pytest.fixture(scope="session")
 def euvp_images() -> list[Path]:
-    images = sorted(EUVP_RAW.glob("*.jpg"), key=lambda p: int(p.stem))
-    if not images:
-        pytest.fail(f"no EUVP test images under {EUVP_RAW}; CI must have ../shared beside the clone")
-    return images
+    from reefcap.models.samples import sample_photos
+
+    return sample_photos("raw")
 
 
 @pytest.fixture(scope="session")

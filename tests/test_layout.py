@@ -35,3 +35,32 @@ def test_models_package_imports_without_torch_being_loaded():
 
     code = "import sys, reefcap.models; assert 'torch' not in sys.modules, 'torch imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_sample_photos_ship_in_the_repo_with_their_licence():
+    from reefcap.models.samples import EUVP_DIR, sample_photos
+
+    raw, enhanced = sample_photos("raw"), sample_photos("enhanced")
+    assert len(raw) == 23 and [p.name for p in raw] == [p.name for p in enhanced]
+    assert [p.stem for p in raw[:3]] == ["1", "2", "3"]  # numeric order, not 1, 10, 11
+    assert "MIT License" in (EUVP_DIR / "LICENSE").read_text()
+    assert "FUnIE-GAN" in (EUVP_DIR / "README.md").read_text()
+
+
+def test_nothing_reads_the_folder_beside_the_clone():
+    """A user's clone has no ../shared beside it: code, tests, Makefile and docs must not point there."""
+    skip = {".git", ".venv", "build", "__pycache__", ".pytest_cache", ".ruff_cache", ".whl", ".gl"}
+    needles = ("../shared", "REEFCAP_SHARED", 'parent / "shared"')
+    offenders = []
+    for path in REPO.rglob("*"):
+        rel = path.relative_to(REPO)
+        if (
+            path.is_dir()
+            or set(rel.parts) & skip
+            or rel.parts[0].endswith(".egg-info")
+            or path.suffix not in {"", ".py", ".md", ".toml", ".sh", ".cfg"}
+        ):
+            continue
+        text = path.read_text(errors="ignore")
+        offenders += [f"{rel}: {n}" for n in needles if n in text and path != Path(__file__)]
+    assert not offenders, offenders

@@ -97,7 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     rep = dsub.add_parser("report", help="compare UIQM/UCIQE/colour cast of renderings with real EUVP photos")
     rep.add_argument("--out", default="docs", help="folder for reefscenes-report.md and its PNG")
-    rep.add_argument("--euvp", default="../shared/data/euvp-test", help="folder with raw/ and enhanced/ photos")
+    rep.add_argument(
+        "--euvp", default=None, help="folder with raw/ and enhanced/ photos (default: examples/photos/euvp)"
+    )
     rep.add_argument("--scenes", type=int, default=200)
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--size", type=int, default=256, help="rendering size (EUVP photos are 256 px)")

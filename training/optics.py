@@ -1,6 +1,6 @@
 """Underwater image formation: turn an in-air image (plus a range map) into what a camera sees underwater.
 
-The model follows ../shared/docs/underwater-optics.md, which collects the sources:
+The model combines these sources:
 
 - per-channel attenuation from the Jerlov (1976) water types, as the per-metre residual energy N_c used by the
   UWCNN synthesis (Li, Anwar & Porikli 2020): transmission ``t_c = N_c ** z`` over range ``z``;
@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 # Per-metre residual energy N_c (R, G, B) by Jerlov water type; Jerlov 1976 as tabulated for UWCNN
-# (../shared/docs/underwater-optics.md). I-III are open ocean (blue), 1C-9C coastal (green, turbid).
+# (Li, Anwar & Porikli 2020). I-III are open ocean (blue), 1C-9C coastal (green, turbid).
 JERLOV_N: dict[str, tuple[float, float, float]] = {
     "I": (0.85, 0.961, 0.982),
     "IA": (0.84, 0.955, 0.975),

@@ -1,0 +1,34 @@
+"""The sample photos that ship with the repository: 23 real underwater photos from EUVP (MIT licence).
+
+They live in ``examples/photos/euvp/`` (``raw/`` as taken, ``enhanced/`` after enhancement, same file names;
+see its README and LICENSE) so that a clone alone can run the tests, ``reefcap bench`` and ``reefcap data
+report``. They are not package data: an installed wheel has no ``examples/``, and callers then pass their own
+folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ReefcapError
+
+REPO = Path(__file__).resolve().parents[1]
+EUVP_DIR = REPO / "examples" / "photos" / "euvp"
+KINDS = ("raw", "enhanced")
+
+
+def sample_photos(kind: str = "raw", folder: str | Path | None = None) -> list[Path]:
+    """The EUVP sample photos of ``kind`` (``raw`` or ``enhanced``), in numeric order (1.jpg, 2.jpg, ...).
+
+    ``folder`` replaces the bundled ``examples/photos/euvp``; it must hold ``raw/`` and ``enhanced/``.
+    """
+    if kind not in KINDS:
+        raise ReefcapError(f"sample photo kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    root = Path(folder) if folder is not None else EUVP_DIR
+    # (length, name) orders the numbered files as numbers: 2.jpg before 10.jpg.
+    photos = sorted((root / kind).glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))
+    if not photos:
+        raise ReefcapError(
+            f"no sample photos under {root / kind}; they ship in the source repository (examples/photos)"
+        )
+    return photos
