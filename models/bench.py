@@ -149,16 +149,21 @@ def machine_note() -> str:
     import onnxruntime as ort
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, isa = platform.processor() or platform.machine(), ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            cpu = value.strip()
+        elif key.strip() == "flags":  # int8 speed and kernels depend on these (docs/onnx-parity.md)
+            flags = value.split()
+            isa = " (" + ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags) + ")"
+            break
     return (
-        f"{cpu}, {os.cpu_count()} logical cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{cpu}{isa}, {os.cpu_count()} logical cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"onnxruntime {ort.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
 

@@ -12,6 +12,7 @@ position's logits come back to the host for token selection.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +24,10 @@ from PIL import Image
 from .engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo, strip_prompt
 from .errors import ModelLoadError
 from .onnx_decode import beam_search, greedy
-from .onnx_export import DECODER, ENCODER, PRECISIONS, cached_export, read_manifest
+from .onnx_export import DECODER, ENCODER, INT8_SCHEME, PRECISIONS, cached_export, read_manifest
 from .pixels import FastPixels
 
+log = logging.getLogger("reefcap.models")
 THREADS_ENV = "REEFCAP_ORT_THREADS"
 
 
@@ -177,6 +179,12 @@ class OnnxCaptionEngine(CaptionEngine):
         manifest = read_manifest(folder)
         if manifest["precision"] != config.dtype and config.dtype != "fp32":
             raise ModelLoadError(f"{folder} holds a {manifest['precision']} export, but dtype {config.dtype} was asked")
+        if manifest["precision"] == "int8" and manifest.get("int8_scheme") != INT8_SCHEME:
+            log.warning(
+                "%s: int8 export with 8-bit weights (made by an older reefcap): its captions may differ from fp32 on "
+                "CPUs without AVX-512 VNNI; export it again (reefcap export --precision int8)",
+                folder,
+            )
         if threads is None:
             threads = int(os.environ.get(THREADS_ENV, "0") or 0)
         device = f"{kind}:{index}" if kind == "cuda" else "cpu"

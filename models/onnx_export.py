@@ -256,8 +256,19 @@ def _int8_nodes(graph_path: Path) -> list[str]:
     ]
 
 
+# How int8 weights are stored; exports made with another scheme are stale (cache key, manifest, engine warning).
+# 8-bit weights saturate on x86 CPUs without VNNI: ORT's u8s8 AVX2 kernel (VPMADDUBSW) sums two u8*s8 products
+# into int16, and 2 * 255 * 127 > 32767. On an AVX2-only EPYC that left 15/23 EUVP captions as fp32 gave them
+# (73.8% on the ReefScenes test split). Weights within [-64, 64] (reduce_range) keep every pair within int16
+# (2 * 255 * 64 = 32640), so the same graph gives the same captions on AVX2, AVX-512 and VNNI CPUs, at the
+# u8s8 kernels' speed (docs/onnx-parity.md).
+INT8_SCHEME = "dynamic-u8s8-per-channel-7bit"
+INT8_WEIGHT_RANGE = (-64, 64)
+
+
 def _to_int8(folder: Path) -> None:
-    """Dynamic int8 quantisation of the feed-forward and attention-output weights (activations stay float)."""
+    """Dynamic int8 quantisation of the feed-forward and attention-output weights (activations quantised per
+    call, per tensor, to u8; weights per output channel to 7-bit signed values, see ``INT8_SCHEME``)."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -278,6 +289,7 @@ def _to_int8(folder: Path) -> None:
                 # scores, the vocabulary argmax). On the bundled DAMF model's ReefScenes test split, int8 on every
                 # MatMul changed 11.6% of greedy captions; this choice changes 4.4% (docs/onnx-parity.md).
                 per_channel=True,
+                reduce_range=True,  # 7-bit weights: no int16 saturation on AVX2 CPUs without VNNI (above)
                 nodes_to_quantize=_int8_nodes(src),
             )
             tmp.replace(src)
@@ -325,6 +337,7 @@ def export_onnx(model: str | ResolvedModel, out: str | Path, precision: str = "f
             "source": {"name": resolved.name, "path": str(resolved.path), "origin": resolved.origin},
             "weights_version": weights_version(resolved.path),
             "precision": precision,
+            **({"int8_scheme": INT8_SCHEME} if precision == "int8" else {}),
             "opset": opset,
             "exporter": f"torch.onnx TorchScript exporter, torch {torch.__version__}",
             "versions": {"transformers": transformers.__version__, "onnx": onnx.__version__},
@@ -369,7 +382,9 @@ def cached_export(model: str | ResolvedModel, precision: str = "fp32") -> Path:
     from .torch_engine import weights_version  # the export needs torch anyway; an export folder does not
 
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
-    target = cache_root() / f"{weights_version(resolved.path)}-{precision}"
+    # The int8 scheme is part of the key: an int8 export cached by an older reefcap (8-bit weights) is not reused.
+    tag = f"int8-{INT8_SCHEME}" if precision == "int8" else precision
+    target = cache_root() / f"{weights_version(resolved.path)}-{tag}"
     if (target / MANIFEST).is_file():
         return target
     return export_onnx(resolved, target, precision)

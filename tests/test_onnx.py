@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from reefcap.models.backends import BACKENDS, load_engine
@@ -176,28 +175,6 @@ def test_golden_output(golden_model, euvp_images, tmp_path):
     assert [g[0] for g in got] == [g[0] for g in golden]
     assert [g[2] for g in got] == [g[2] for g in golden]
     assert np.allclose([g[1] for g in got], [g[1] for g in golden], atol=1e-3)
-
-
-def test_int8_agreement(euvp_images, tmp_path):
-    """The shipped int8 export of the bundled (trained) DAMF model agrees with PyTorch on most greedy captions.
-
-    A randomly perturbed model is no yardstick here: its logits are near-ties everywhere. Measured: 20/23 on
-    these photos, 215/225 on the ReefScenes underwater test split (docs/onnx-parity.md).
-    """
-    folder = export_onnx("reefscenes-tiny-damf", tmp_path / "int8", "int8")
-    assert read_manifest(folder)["precision"] == "int8"
-    for graph in (ENCODER, DECODER):  # the feed-forward and attention-output projections really are int8
-        ops = [n.op_type for n in onnx.load(str(folder / graph), load_external_data=False).graph.node]
-        assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") >= 8, graph
-    int8 = OnnxCaptionEngine.load(str(folder), EngineConfig(device="cpu", dtype="int8"), threads=1)
-    ref = TorchCaptionEngine.load("reefscenes-tiny-damf", EngineConfig(device="cpu")).caption(
-        euvp_images, DecodeOptions.greedy()
-    )
-    got = int8.caption(euvp_images, DecodeOptions.greedy())
-    agreement = sum(a.caption == b.caption for a, b in zip(ref, got, strict=True)) / len(ref)
-    print(f"int8 vs torch fp32 identical greedy captions: {agreement:.1%} of {len(ref)}")
-    assert agreement >= 0.8
-    assert int8.describe().dtype == "int8"
 
 
 def test_export_on_first_use_is_cached(varied_model, tmp_path, monkeypatch, euvp_images):
