@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
-from reefcap.models.engine import CaptionEngine, DecodeOptions
+from reefcap.models.engine import CaptionEngine, DecodeOptions, require_positive
 from reefcap.models.errors import ImageError
 
 
@@ -45,12 +45,10 @@ class BatchCaptioner:
         options: DecodeOptions | None = None,
         workers: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
         self.engine = engine
-        self.batch_size = batch_size
+        self.batch_size = require_positive("batch_size", batch_size)
         self.options = (options or DecodeOptions()).validate()
-        self.workers = workers or default_workers()
+        self.workers = default_workers() if workers is None else require_positive("workers", workers)
 
     def _decode(self, name: str) -> Any:
         try:

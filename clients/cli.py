@@ -18,7 +18,27 @@ from pathlib import Path
 from typing import Any
 
 
-def _source(args: argparse.Namespace, options: Any):
+def _checked(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Decoding options and engine config from the flags, every value checked before any input is read or
+    model loaded, so a typo fails at once as a usage error (exit 2) and not minutes later as a crash."""
+    from reefcap.models.engine import DecodeOptions, EngineConfig, require_positive
+
+    from .inputs import InputError
+
+    if args.resume and not args.output:
+        raise InputError("--resume needs -o/--output: the results file to continue")
+    for flag, value in (("--batch-size", args.batch_size), ("--concurrency", args.concurrency)):
+        require_positive(flag, value)
+    for flag, value in (("--workers", args.workers), ("--ray-cpus", args.ray_cpus)):
+        if value is not None:
+            require_positive(flag, value)
+    if not args.timeout > 0:
+        raise InputError(f"--timeout must be more than 0 seconds, got {args.timeout}")
+    options = DecodeOptions(num_beams=1 if args.greedy else args.beams, max_length=args.max_length).validate()
+    return options, EngineConfig(device=args.device, dtype=args.dtype)
+
+
+def _source(args: argparse.Namespace, options: Any, config: Any):
     """The batch producer for the chosen mode: a function from image names to lists of records."""
     if args.server:
         from .http import ReefcapClient, run_on_server
@@ -33,29 +53,24 @@ def _source(args: argparse.Namespace, options: Any):
             names, args.model, args.backend, address, args.batch_size, options, args.dtype, args.ray_cpus
         )
     from reefcap.models.backends import load_engine
-    from reefcap.models.engine import EngineConfig
 
     from .batch import BatchCaptioner
 
-    engine = load_engine(args.model, backend=args.backend, config=EngineConfig(device=args.device, dtype=args.dtype))
+    engine = load_engine(args.model, backend=args.backend, config=config)
     return BatchCaptioner(engine, args.batch_size, options, args.workers).run_batches
 
 
 def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from reefcap.models.engine import DecodeOptions
-
-    from .inputs import InputError, expand_inputs
+    from .inputs import expand_inputs
     from .results import ResultsWriter, read_results, write_coco_results
 
-    if args.resume and not args.output:
-        raise InputError("--resume needs -o/--output: the results file to continue")
+    options, config = _checked(args)
     inputs = expand_inputs(args.paths)
     writer = ResultsWriter(args.output, resume=args.resume, overwrite=args.overwrite) if args.output else None
     todo = [i.image for i in inputs if writer is None or i.image not in writer.done]
-    options = DecodeOptions(num_beams=1 if args.greedy else args.beams, max_length=args.max_length)
-    run = _source(args, options)
+    run = _source(args, options, config)
 
     counts = {"captioned": 0, "failed": 0}
     start = time.monotonic()
@@ -122,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of 3-beam search")
     p.add_argument("--beams", type=int, default=3, help="beam width when not --greedy")
     p.add_argument("--max-length", type=int, default=20, help="maximum tokens, decoder prompt included")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="int8: onnx backend only")
     p.add_argument("--api-key", default=None, help="bearer key for --server (default: $REEFCAP_API_KEY)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")

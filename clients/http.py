@@ -25,7 +25,7 @@ import httpx
 from PIL import Image
 
 from reefcap.models.engine import DecodeOptions
-from reefcap.models.errors import ReefcapError
+from reefcap.models.errors import ImageNotFoundError, NotAnImageError, ReefcapError
 
 RETRY_STATUS = {429, 503}
 # Failures before any answer: the request is safe to send again (captioning has no side effect to repeat).
@@ -285,9 +285,11 @@ def run_on_server(
         for name in chunk:
             try:
                 readable.append((name, image_bytes(name)[1]))
+            except FileNotFoundError:  # the same code local mode gives (ImageNotFoundError)
+                records[name] = {"image": name, "error": f"{name}: no such file", "code": ImageNotFoundError.code}
             except OSError as exc:
                 error = f"{name}: cannot read ({exc.strerror or exc})"
-                records[name] = {"image": name, "error": error, "code": "not_an_image"}
+                records[name] = {"image": name, "error": error, "code": NotAnImageError.code}
         answers = client.caption_many([data for _, data in readable], options, concurrency)
         for (name, _), answer in zip(readable, answers, strict=True):
             if isinstance(answer, ReefcapHTTPError):

@@ -109,6 +109,7 @@ def _is_manifest(path: Path) -> bool:
 def expand_inputs(args: Iterable[str]) -> list[ImageInput]:
     """Expand each argument: a directory (recursively, sorted), a glob, a manifest, or an image path.
 
+    A directory with no image files, or a glob that matches no file, raises :class:`InputError`.
     A path that does not exist is kept as an input, so it is reported as an error line like any other
     unreadable image rather than stopping the run.
     """
@@ -117,6 +118,9 @@ def expand_inputs(args: Iterable[str]) -> list[ImageInput]:
         path = Path(arg)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:  # like a glob that matches nothing: most likely the wrong folder
+                suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+                raise InputError(f"{arg}: no images in this directory or below (looked for {suffixes})")
             items = [ImageInput(str(p)) for p in found]
         elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES and _is_manifest(path):
             items = read_manifest(path)

@@ -44,8 +44,11 @@ class ResultsWriter:
                 self.done = {r["image"] for r in read_results(self.path)}
             elif not overwrite:
                 raise InputError(f"{self.path} exists; pass --resume to continue it or --overwrite to replace it")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a" if resume else "w", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("a" if resume else "w", encoding="utf-8")
+        except OSError as exc:  # opened before the model loads, so a bad -o costs nothing
+            raise InputError(f"{self.path}: cannot write results ({exc.strerror or exc})") from None
 
     def _truncate_partial_line(self) -> None:
         with self.path.open("rb+") as fh:
@@ -93,5 +96,8 @@ def write_coco_results(results: Iterable[dict[str, Any]], ids: dict[str, Any], o
         return int(stem) if stem.isdigit() else stem
 
     payload = [{"image_id": image_id(r["image"]), "caption": r["caption"]} for r in records]
-    Path(out).write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    try:
+        Path(out).write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write COCO results ({exc.strerror or exc})") from None
     return len(payload)

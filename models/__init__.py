@@ -8,7 +8,9 @@ from .backends import BACKENDS, load_engine
 from .engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
 from .errors import (
     ImageError,
+    ImageNotFoundError,
     ImageTooLargeError,
+    InvalidOptionsError,
     ModelLoadError,
     ModelNotFoundError,
     NotAnImageError,
@@ -28,7 +30,9 @@ __all__ = [
     "EngineInfo",
     "ImageError",
     "ImageLimits",
+    "ImageNotFoundError",
     "ImageTooLargeError",
+    "InvalidOptionsError",
     "ModelLoadError",
     "ModelNotFoundError",
     "NotAnImageError",

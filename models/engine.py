@@ -9,15 +9,33 @@ server, the batch CLI and the evaluator share one path.
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from PIL import Image
 
+from .errors import InvalidOptionsError
 from .images import ImageLimits, ImageSource, load_image
 
 BLIP_PROMPT = "a picture of"
+# What every backend understands; anything else ("gpu", "cuda:x") would fail deep inside torch or ORT.
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(device: object) -> str:
+    """``device`` if it is auto, cpu, cuda or cuda:N; else :class:`InvalidOptionsError` naming those forms."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise InvalidOptionsError(f"device must be auto, cpu, cuda or cuda:N (N a GPU index), got {device!r}")
+    return device
+
+
+def require_positive(name: str, value: object) -> int:
+    """``value`` if it is a whole number of at least 1 (batch sizes, worker counts); ``name`` is for the message."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOptionsError(f"{name} must be at least 1, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -44,12 +62,16 @@ class DecodeOptions:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self) -> DecodeOptions:
+        """``self`` if every field is in range, else :class:`InvalidOptionsError` (also a ValueError)."""
         if not 1 <= self.num_beams <= 16:
-            raise ValueError(f"num_beams must be between 1 and 16, got {self.num_beams}")
+            raise InvalidOptionsError(f"num_beams must be between 1 and 16, got {self.num_beams}")
         if not 1 <= self.min_length <= self.max_length <= 512:
-            raise ValueError(f"need 1 <= min_length <= max_length <= 512, got {self.min_length}, {self.max_length}")
+            raise InvalidOptionsError(
+                "need 1 <= min_length <= max_length <= 512, "
+                f"got min_length {self.min_length} and max_length {self.max_length}"
+            )
         if not 0.5 <= self.repetition_penalty <= 5.0:
-            raise ValueError(f"repetition_penalty must be in [0.5, 5], got {self.repetition_penalty}")
+            raise InvalidOptionsError(f"repetition_penalty must be in [0.5, 5], got {self.repetition_penalty}")
         return self
 
 
@@ -60,6 +82,10 @@ class EngineConfig:
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     limits: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        # Checked here, the one place every entrypoint passes through, before any model is resolved.
+        check_device(self.device)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,16 @@ class ModelLoadError(ReefcapError):
     code = "model_load_failed"
 
 
+class InvalidOptionsError(ReefcapError, ValueError):
+    """A setting out of range: decoding options, a batch size, a device string.
+
+    Also a ``ValueError``, which these checks raised before they had a type, so callers that catch that
+    still do; the CLI reports it as a usage error and the server as a 422.
+    """
+
+    code = "invalid_options"
+
+
 class ImageError(ReefcapError, ValueError):
     """Base class for an input that cannot be captioned as an image."""
 
@@ -35,6 +45,12 @@ class NotAnImageError(ImageError):
     """The bytes are not an image format reefcap can decode."""
 
     code = "not_an_image"
+
+
+class ImageNotFoundError(NotAnImageError):
+    """The path names no file. A NotAnImageError subclass so existing ``except NotAnImageError`` still catch it."""
+
+    code = "not_found"
 
 
 class TruncatedImageError(ImageError):

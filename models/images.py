@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import (
     ImageError,
+    ImageNotFoundError,
     ImageTooLargeError,
     NotAnImageError,
     TruncatedImageError,
@@ -44,14 +45,17 @@ def _read_bytes(source: str | os.PathLike, limits: ImageLimits) -> bytes:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise NotAnImageError(f"{path}: no such file") from None
+        raise ImageNotFoundError(f"{path}: no such file") from None
     except OSError as exc:
         raise NotAnImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if path.is_dir():
         raise NotAnImageError(f"{path}: is a directory, not an image")
     if size > limits.max_bytes:
         raise ImageTooLargeError(f"{path}: {size} bytes exceeds the limit of {limits.max_bytes} bytes")
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # e.g. no read permission: an error for this input, not a crash of the batch
+        raise NotAnImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -82,7 +86,8 @@ def load_image(source: ImageSource, limits: ImageLimits | None = None, name: str
     EXIF orientation is applied; greyscale, palette, alpha and 16-bit images are converted.
 
     Raises:
-        NotAnImageError: the bytes are not a decodable image (or the path does not exist).
+        ImageNotFoundError: the path names no file (code ``not_found``).
+        NotAnImageError: the bytes are not a decodable image.
         TruncatedImageError: the pixel data is cut short or corrupt.
         ImageTooLargeError: the encoded size or pixel count is over ``limits``.
         UnsupportedImageFormatError: the format is not in ``limits.formats``.

@@ -1,7 +1,8 @@
 """Model registry and resolver: a bundled name, a local directory or a hub id becomes a checkpoint folder.
 
-Resolution order: a bundled zoo name, then an existing local directory, then a Hugging Face hub id (the
-local HF cache first, then the network). Only safetensors weights are ever fetched or loaded.
+Resolution order: a bundled zoo name, then an existing local directory, then a Hugging Face hub id of the
+form ``owner/name`` (the local HF cache first, then the network). Only safetensors weights are ever fetched
+or loaded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from .errors import ModelLoadError, ModelNotFoundError
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 # Files a captioning checkpoint needs; pickled *.bin weights are deliberately left out.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# owner/name only: a bare name that is neither bundled nor a folder is far likelier a typo than a legacy
+# un-namespaced hub model, and asking the hub for it costs a network round trip and a misleading message.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,13 @@ def resolve_model(name_or_path: str | os.PathLike) -> ResolvedModel:
         return ResolvedModel(path.resolve().name, _check_checkpoint(path.resolve(), text), "local")
     if path.exists():
         raise ModelNotFoundError(f"{text}: is a file; pass the checkpoint directory that holds config.json")
+    known = ", ".join(zoo) or "none bundled"
+    if "/" not in text and not _looks_like_path(text):
+        raise ModelNotFoundError(
+            f"{text}: not a bundled model name or a local directory (bundled models: {known}; "
+            "a hub id has the form owner/name)"
+        )
     if _looks_like_path(text) or not _HUB_ID.match(text):
-        known = ", ".join(zoo) or "none bundled"
         raise ModelNotFoundError(f"{text}: no such model directory (bundled models: {known})")
     return ResolvedModel(text, _check_checkpoint(_download(text), text), "hub")
 

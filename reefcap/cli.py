@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from reefcap import __version__
 
@@ -28,8 +29,19 @@ COMMAND_MODULES = [
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends like every other usage error: one line on stderr, exit status 2.
+
+    Stock argparse prints the whole usage block first (ten lines for `caption`). Subparsers are built
+    with the parent's class, so every subcommand gets this too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reefcap", description="Caption underwater imagery with adapted BLIP models.")
+    parser = _Parser(prog="reefcap", description="Caption underwater imagery with adapted BLIP models.")
     parser.add_argument("--version", action="version", version=f"reefcap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

@@ -145,8 +145,9 @@ def _status_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
     if isinstance(exc, (ModelLoadError, ModelNotFoundError)):
         return 503, "model_unavailable", retry
     if isinstance(exc, ReefcapError):
-        return {"quality_gate": 409}.get(exc.code, 400), exc.code, {}
-    if isinstance(exc, ValueError):  # decoding options out of range
+        # invalid_options: decoding options out of range (InvalidOptionsError), a 422 as before it had a type.
+        return {"quality_gate": 409, "invalid_options": 422}.get(exc.code, 400), exc.code, {}
+    if isinstance(exc, ValueError):  # any other out-of-range value
         return 422, "invalid_options", {}
     return 500, "internal_error", {}
 

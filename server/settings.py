@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from reefcap.models.engine import check_device
 from reefcap.models.images import DEFAULT_FORMATS, ImageLimits
 
 
@@ -74,6 +75,12 @@ class ServerSettings(BaseSettings):
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         return [str(v).upper() for v in value] if isinstance(value, list) else value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        # The engines' own rule, so `serve --device gpu` stops as a bad setting, not as "no model could be loaded".
+        return check_device(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from reefcap.clients.batch import BatchCaptioner
 from reefcap.clients.inputs import InputError
 from reefcap.clients.results import ResultsWriter, read_results
 from reefcap.models.engine import DecodeOptions, EngineConfig
+from reefcap.models.errors import InvalidOptionsError
 from reefcap.models.torch_engine import TorchCaptionEngine
 
 
@@ -39,6 +40,29 @@ def test_records_keep_input_order_around_bad_images(engine, euvp_images, tmp_pat
     assert [("error" in r) for r in records] == [False, True, False, True, False]
     single = engine.caption([euvp_images[1]], DecodeOptions.greedy())[0]
     assert records[2]["caption"] == single.caption
+
+
+def test_batch_size_and_workers_must_be_positive(engine):
+    with pytest.raises(InvalidOptionsError, match="batch_size must be at least 1, got 0"):
+        BatchCaptioner(engine, batch_size=0)
+    with pytest.raises(InvalidOptionsError, match="workers must be at least 1"):
+        BatchCaptioner(engine, workers=-1)
+
+
+def test_missing_file_record_has_code_not_found(engine, tmp_path):
+    (record,) = BatchCaptioner(engine, options=DecodeOptions.greedy()).run([str(tmp_path / "gone.jpg")])
+    assert record == {
+        "image": str(tmp_path / "gone.jpg"),
+        "error": f"{tmp_path / 'gone.jpg'}: no such file",
+        "code": "not_found",
+    }
+
+
+def test_writer_reports_an_unwritable_path_as_input_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="cannot write results"):
+        ResultsWriter(blocker / "r.jsonl")
 
 
 def test_writer_refuses_to_clobber_and_cuts_partial_line(tmp_path):

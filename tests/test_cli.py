@@ -60,3 +60,72 @@ def test_help_lists_commands():
     result = reefcap("--help")
     assert result.returncode == 0
     assert "caption" in result.stdout and "model" in result.stdout
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2, nothing on stdout, exactly one line on stderr naming the problem, and no crash report."""
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "error:" in lines[0] and "Traceback" not in result.stderr and "internal error" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--batch-size", "0"], ["--batch-size must be at least 1, got 0"]),
+        (["--beams", "-2"], ["num_beams must be between 1 and 16, got -2"]),
+        (["--max-length", "3"], ["max_length 3"]),
+        (["--workers", "-1"], ["--workers must be at least 1"]),
+        (["--device", "gpu"], ["'gpu'", "auto, cpu, cuda or cuda:N"]),
+        (["--device", "cuda:x"], ["'cuda:x'", "auto, cpu, cuda or cuda:N"]),
+        (["--batch-size", "x"], ["--batch-size", "invalid int value"]),
+        (["--dtype", "int4"], ["--dtype", "invalid choice"]),
+    ],
+)
+def test_bad_values_are_one_line_usage_errors(euvp_images, flags, fragments):
+    # Checked before the model loads: none of these cases needs a checkpoint.
+    assert_usage_error(reefcap("caption", str(euvp_images[0]), *flags), *fragments)
+
+
+def test_unwritable_output_is_a_usage_error(euvp_images, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a file where -o needs a folder: no OS or user can write under it
+    result = reefcap("caption", str(euvp_images[0]), "-o", str(blocker / "out.jsonl"))
+    assert_usage_error(result, str(blocker / "out.jsonl"), "cannot write results")
+
+
+def test_directory_without_images_is_a_usage_error(tmp_path):
+    (tmp_path / "notes.md").write_text("no pictures here")
+    assert_usage_error(reefcap("caption", str(tmp_path)), str(tmp_path), "no images in this directory")
+
+
+def test_bare_unknown_model_name_lists_bundled_models_without_asking_the_hub(euvp_images):
+    result = reefcap("caption", str(euvp_images[0]), "--model", "reefscenes-tiny-dmaf")
+    assert_usage_error(result, "not a bundled model name or a local directory", "reefscenes-tiny-damf", "owner/name")
+    assert "could not download" not in result.stderr
+
+
+def test_missing_file_gives_not_found_error_line(cli_model, euvp_images, tmp_path):
+    gone = tmp_path / "gone.jpg"
+    result = reefcap("caption", str(gone), str(euvp_images[0]), "--model", str(cli_model), "--greedy", "-q")
+    assert result.returncode == 1 and result.stderr == ""
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert first == {"image": str(gone), "error": f"{gone}: no such file", "code": "not_found"}
+    assert "caption" in second
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["eval", "--model", "m", "--data", "d.json", "--batch-size", "0"], ["--batch-size must be at least 1"]),
+        (["eval", "--model", "m", "--data", "d.json", "--device", "gpu"], ["'gpu'", "auto, cpu, cuda or cuda:N"]),
+        (["eval", "--model", "m", "--data", "d.json", "--beams", "-2"], ["num_beams"]),
+        (["serve", "--device", "gpu"], ["invalid settings", "'gpu'", "auto, cpu, cuda or cuda:N"]),
+    ],
+)
+def test_other_commands_check_the_same_values(args, fragments):
+    assert_usage_error(reefcap(*args), *fragments)

@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from reefcap.models.engine import Caption, CaptionEngine, DecodeOptions, EngineConfig
+from reefcap.models.engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, require_positive
+from reefcap.models.errors import InvalidOptionsError, ReefcapError
 from reefcap.models.torch_engine import TorchCaptionEngine
 
 
@@ -76,10 +77,30 @@ def test_describe(engine, varied_model):
 
 
 def test_decode_options_validation():
-    with pytest.raises(ValueError, match="num_beams"):
-        DecodeOptions(num_beams=0).validate()
-    with pytest.raises(ValueError, match="min_length"):
+    with pytest.raises(InvalidOptionsError, match="num_beams"):
+        DecodeOptions(num_beams=-2).validate()
+    with pytest.raises(InvalidOptionsError, match="min_length"):
         DecodeOptions(min_length=30, max_length=20).validate()
+    # Still a ValueError, and a ReefcapError (what the CLI turns into exit status 2).
+    assert issubclass(InvalidOptionsError, ValueError) and issubclass(InvalidOptionsError, ReefcapError)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_engine_config_accepts_device_forms(device):
+    assert EngineConfig(device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:", "CPU", "mps", "", "cuda:-1"])
+def test_engine_config_rejects_other_devices_naming_the_accepted_forms(device):
+    with pytest.raises(InvalidOptionsError, match=r"auto, cpu, cuda or cuda:N"):
+        EngineConfig(device=device)
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, True, None])
+def test_require_positive(value):
+    assert require_positive("batch_size", 4) == 4
+    with pytest.raises(InvalidOptionsError, match="batch_size must be at least 1"):
+        require_positive("batch_size", value)
 
 
 def test_missing_engine_method_fails_at_class_definition():

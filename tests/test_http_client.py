@@ -119,3 +119,17 @@ def test_connection_failures_are_retried_then_raised():
 
     with pytest.raises(httpx.ConnectError):
         ReefcapClient("http://x", transport=httpx.MockTransport(down), retry=fast).caption(b"a")
+
+
+def test_server_mode_reports_a_missing_file_as_not_found(tmp_path):
+    from reefcap.clients.http import run_on_server
+    from reefcap.models.engine import DecodeOptions
+
+    class NoServer:  # every input is missing, so nothing may be sent
+        def caption_many(self, uploads, options, concurrency):
+            assert uploads == []
+            return []
+
+    gone = str(tmp_path / "gone.jpg")
+    (records,) = run_on_server(NoServer(), [gone], DecodeOptions.greedy(), batch_size=4, concurrency=1)
+    assert records == [{"image": gone, "error": f"{gone}: no such file", "code": "not_found"}]

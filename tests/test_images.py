@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from reefcap.models.errors import (
+    ImageNotFoundError,
     ImageTooLargeError,
     NotAnImageError,
     TruncatedImageError,
@@ -88,10 +89,16 @@ def test_text_file_is_not_an_image(tmp_path):
 def test_empty_and_missing_inputs(tmp_path):
     with pytest.raises(NotAnImageError, match="empty"):
         load_image(b"")
-    with pytest.raises(NotAnImageError, match="no such file"):
-        load_image(tmp_path / "absent.png")
-    with pytest.raises(NotAnImageError, match="directory"):
+    with pytest.raises(NotAnImageError, match="directory") as info:
         load_image(tmp_path)
+    assert info.value.code == "not_an_image"
+
+
+def test_missing_path_is_not_found_not_not_an_image(tmp_path):
+    with pytest.raises(ImageNotFoundError, match="no such file") as info:
+        load_image(tmp_path / "absent.png")
+    assert info.value.code == "not_found"
+    assert isinstance(info.value, NotAnImageError)  # code written before it had its own type still catches it
 
 
 def test_truncated_jpeg(euvp_images):
@@ -122,7 +129,11 @@ def test_format_allow_list():
 
 
 def test_every_image_error_has_a_distinct_code():
-    codes = {
-        cls.code for cls in (NotAnImageError, TruncatedImageError, ImageTooLargeError, UnsupportedImageFormatError)
-    }
-    assert len(codes) == 4
+    classes = (
+        NotAnImageError,
+        ImageNotFoundError,
+        TruncatedImageError,
+        ImageTooLargeError,
+        UnsupportedImageFormatError,
+    )
+    assert len({cls.code for cls in classes}) == len(classes)

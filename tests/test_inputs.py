@@ -32,6 +32,13 @@ def test_glob_and_duplicates(tree):
         expand_inputs([str(tree / "nothing-*.png")])
 
 
+def test_directory_without_images_is_an_input_error(tree):
+    (tree / "empty" / "sub").mkdir(parents=True)
+    (tree / "empty" / "sub" / "notes.md").write_text("no pictures")
+    with pytest.raises(InputError, match="empty: no images in this directory"):
+        expand_inputs([str(tree / "a"), str(tree / "empty")])
+
+
 def test_missing_file_is_kept_to_be_reported(tree):
     assert [i.image for i in expand_inputs([str(tree / "gone.jpg")])] == [str(tree / "gone.jpg")]
 

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
+from reefcap.models import registry
 from reefcap.models.errors import ModelLoadError, ModelNotFoundError
-from reefcap.models.registry import resolve_model
+from reefcap.models.registry import resolve_model, zoo_models
 
 
 def test_local_directory(tiny_model):
@@ -43,3 +44,26 @@ def test_hub_id_without_network_fails_fast_and_says_what_to_do(tmp_path, monkeyp
     with pytest.raises(ModelNotFoundError, match="pass its local directory"):
         resolve_model("Salesforce/blip-image-captioning-base")
     assert time.monotonic() - start < 60
+
+
+def test_bare_unknown_name_lists_bundled_models_and_never_asks_the_hub(monkeypatch):
+    def no_hub(repo_id):
+        raise AssertionError(f"asked the hub for {repo_id!r}")
+
+    monkeypatch.setattr(registry, "_download", no_hub)
+    with pytest.raises(ModelNotFoundError, match="not a bundled model name or a local directory") as info:
+        resolve_model("reefscenes-tiny-dmaf")
+    assert all(name in str(info.value) for name in zoo_models()) and "owner/name" in str(info.value)
+
+
+def test_hub_id_with_owner_is_still_tried(monkeypatch):
+    asked = []
+
+    def offline_hub(repo_id):
+        asked.append(repo_id)
+        raise ModelNotFoundError(f"{repo_id}: offline")
+
+    monkeypatch.setattr(registry, "_download", offline_hub)
+    with pytest.raises(ModelNotFoundError, match="offline"):
+        resolve_model("someone/some-blip")
+    assert asked == ["someone/some-blip"]

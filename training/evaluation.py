@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from reefcap.models.engine import CaptionEngine, DecodeOptions
+from reefcap.models.engine import CaptionEngine, DecodeOptions, require_positive
 from reefcap.models.errors import ReefcapError
 
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -108,6 +108,7 @@ def generate_captions(
     """One caption per record, in COCO results format (``[{"image_id", "caption"}]``)."""
     from tqdm import tqdm
 
+    require_positive("batch_size", batch_size)
     options = options or DecodeOptions()
     results = []
     bar = tqdm(total=len(records), desc="captioning", unit="img", disable=not progress, leave=False)

@@ -8,8 +8,6 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from reefcap.models.errors import ReefcapError
-
 
 def _train_config(args: argparse.Namespace):
     from .config import AugmentConfig, TrainConfig
@@ -71,33 +69,34 @@ def _train(args: argparse.Namespace) -> int:
 def _decode_options(args: argparse.Namespace):
     from reefcap.models.engine import DecodeOptions
 
-    try:
-        return (
-            DecodeOptions()
-            .merged(
-                num_beams=args.beams,
-                max_length=args.max_length,
-                min_length=args.min_length,
-                repetition_penalty=args.repetition_penalty,
-            )
-            .validate()
+    # validate() raises InvalidOptionsError, a ReefcapError: the CLI reports it as a usage error.
+    return (
+        DecodeOptions()
+        .merged(
+            num_beams=args.beams,
+            max_length=args.max_length,
+            min_length=args.min_length,
+            repetition_penalty=args.repetition_penalty,
         )
-    except ValueError as exc:
-        raise ReefcapError(str(exc)) from None
+        .validate()
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
     from reefcap.models.backends import load_engine
-    from reefcap.models.engine import EngineConfig
+    from reefcap.models.engine import EngineConfig, require_positive
 
     from .data import load_records
     from .evaluation import evaluate, write_json
 
+    # Every flag checked before the data is read or the model loaded: a typo fails at once.
+    options = _decode_options(args)
+    config = EngineConfig(device=args.device, dtype=args.dtype)
+    require_positive("--batch-size", args.batch_size)
     records = load_records(args.data)
     if args.limit:
         records = records[: args.limit]
-    options = _decode_options(args)
-    engine = load_engine(args.model, args.backend, EngineConfig(device=args.device, dtype=args.dtype))
+    engine = load_engine(args.model, args.backend, config)
     metrics, predictions = evaluate(
         engine, records, options, args.batch_size, meteor=not args.no_meteor, progress=not args.no_progress
     )
@@ -171,7 +170,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", help="write metrics here (JSON); predictions go beside it in COCO results format")
     ev.add_argument("--predictions", help="where to write the COCO-format predictions")
     ev.add_argument("--backend", default="torch")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     ev.add_argument("--dtype", default="fp32")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--beams", type=int)
