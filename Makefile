@@ -7,7 +7,7 @@ EXTRAS ?= test,train,ray
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test test-slow lint format serve bench bench-server clean
+.PHONY: install test test-slow lint format serve bench bench-server gpu-wheels gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,27 @@ bench: install
 		--out $(BENCH_OUT) --header '$(BENCH_HEADER)'
 	$(VENV)/bin/reefcap bench --model blip-base-shape --batch-sizes 1,4,16 --budget 20 --repeats 3 \
 		--naive-images 3 --out $(BENCH_OUT) --append
+
+# GPU check (README "GPU check"). gpu-wheels fetches, for the GPU machine's Python 3.12, the pinned wheels of
+# scripts/gpu-wheels.txt into .whl/ and drops any other version found there; gpu-check runs there (no venv,
+# its python3 has CUDA torch); gpu-check-dry is the same path on this CPU in seconds.
+GPU_OUT ?= out/gpu-check
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl -r scripts/gpu-wheels.txt
+	@keep=$$(sed -n 's/^\([A-Za-z0-9_.-]*\)==\([^ ]*\).*/\1-\2/p' scripts/gpu-wheels.txt | tr 'A-Z.-' 'a-z__'); \
+	for f in .whl/*.whl; do \
+		key=$$(basename "$$f" | cut -d- -f1,2 | tr 'A-Z.-' 'a-z__'); \
+		echo "$$keep" | grep -qx "$$key" || { echo "removing $$f (not pinned)"; rm -f "$$f"; }; \
+	done
+	@ls .whl; du -ch .whl/*.whl | tail -1
+
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_OUT)
+
+gpu-check-dry: install
+	PYTHON=$(PY) bash scripts/gpu_check.sh --dry-run $(GPU_OUT)-dry
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
