@@ -141,6 +141,9 @@ def child_env(plan: Plan) -> dict[str, str]:
     """Environment of the worker and pytest. The dry run keeps torch to one thread: on a busy shared CPU, two
     spinning OpenMP threads made the tiny model ~100x slower (13 s for 2 captions instead of 0.1 s)."""
     env = dict(os.environ)
+    # The tests' sample photos: the installed copy has no examples/ beside it (reefcap.models.samples).
+    if plan.images and (Path(plan.images).parent / "raw").is_dir():
+        env.setdefault("REEFCAP_SAMPLES", str(Path(plan.images).parent))
     if plan.dry_run:
         env.setdefault("OMP_NUM_THREADS", "1")
     return env
