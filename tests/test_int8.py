@@ -100,3 +100,32 @@ def test_int8_agreement_on_an_avx2_cpu_without_vnni(int8_export, fp32_captions, 
     assert result["saturates"], "the emulated CPU did not run ORT's AVX2 u8s8 kernel"
     print(f"emulated {EMULATED_CPU}: {agreement(fp32_captions, result['captions']):.1%} of {len(euvp_images)}")
     assert agreement(fp32_captions, result["captions"]) >= MIN_AGREEMENT
+
+
+def test_an_older_8_bit_export_loads_with_a_warning(int8_export, tmp_path, caplog):
+    """Exports made before the 7-bit range still load (their hashes hold) but say they may saturate."""
+    old = tmp_path / "old-int8"
+    shutil.copytree(int8_export, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["int8_scheme"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="reefcap.models"):
+        OnnxCaptionEngine.load(str(old), EngineConfig(device="cpu", dtype="int8"), threads=1)
+    assert "export it again" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reefcap.models"):
+        OnnxCaptionEngine.load(str(int8_export), EngineConfig(device="cpu", dtype="int8"), threads=1)
+    assert "export it again" not in caplog.text
+
+
+def test_the_export_cache_does_not_reuse_an_older_int8_scheme(int8_export, tmp_path, monkeypatch):
+    from reefcap.models.onnx_export import cache_root, cached_export
+    from reefcap.models.registry import resolve_model
+    from reefcap.models.torch_engine import weights_version
+
+    monkeypatch.setenv("REEFCAP_CACHE", str(tmp_path / "cache"))
+    version = weights_version(resolve_model(MODEL).path)
+    shutil.copytree(int8_export, cache_root() / f"{version}-int8")  # where an older reefcap cached its int8
+    current = cache_root() / f"{version}-int8-{INT8_SCHEME}"
+    shutil.copytree(int8_export, current)
+    assert cached_export(MODEL, "int8") == current
