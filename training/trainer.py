@@ -103,6 +103,7 @@ class Trainer:
         val_records: list | None = None,
         air_records: list | None = None,
         progress: bool = True,
+        inputs: dict[str, Any] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -117,6 +118,7 @@ class Trainer:
         self.train_records, self.val_records, self.air_records = train_records, val_records or [], air_records
         self.progress = progress and self.acc.is_main_process
         self.ckpt = self.out / "checkpoint"
+        self.inputs = inputs  # where the run's model and data came from, saved so a resume can compare
 
     # ---- persistence ----------------------------------------------------------------------------
 
@@ -129,7 +131,8 @@ class Trainer:
         factory = self.start.path / "reefcap_factory.json"
         if factory.is_file():
             shutil.copy(factory, tmp / factory.name)
-        save_configs(tmp, self.recipe, self.config, {"start": str(self.start.path), "state": asdict(state)})
+        extra = {"start": str(self.start.path), "inputs": self.inputs, "state": asdict(state)}
+        save_configs(tmp, self.recipe, self.config, extra)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
 
@@ -199,6 +202,8 @@ class Trainer:
         state = self._load_state() if resuming else TrainState()
         if state.finished:
             return self._summary(state)
+        if state.stage >= len(self.recipe.stages):
+            raise ReefcapError(f"the run stopped in stage {state.stage + 1}; recipe {self.recipe.name!r} has fewer")
         source = ResolvedModel(self.start.name, self.ckpt, "local") if resuming else self.start
         model, processor = load_blip(source)
         model.text_decoder.label_smoothing = self.recipe.label_smoothing
@@ -263,12 +268,7 @@ class Trainer:
                     **{f"trainable/{g}": n for g, n in counts.items()},
                 }
             )
-            optimizer = torch.optim.AdamW(optimizer_groups(model, stage.lr, stage.weight_decay), lr=stage.lr)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(stage, total))
-            if resuming and state.stage_step > 0:
-                saved = torch.load(self.ckpt / "optim.pt", weights_only=True)
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
+            optimizer, scheduler = self._optimizer(model, stage, total, resuming and state.stage_step > 0)
             resuming = False
             objective = CaptionObjective(model, teacher)
             wrapped, optimizer = acc.prepare(objective, optimizer)
@@ -309,6 +309,29 @@ class Trainer:
             logf.close()
         acc.wait_for_everyone()
         return self._summary(state)
+
+    def _optimizer(self, model, stage: StageConfig, total: int, restore: bool):
+        """A stage's AdamW and lr schedule; with ``restore``, their state from ``OUT/checkpoint``."""
+        optimizer = torch.optim.AdamW(optimizer_groups(model, stage.lr, stage.weight_decay), lr=stage.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(stage, total))
+        if not restore:
+            return optimizer, scheduler
+        wanted = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
+        saved = torch.load(self.ckpt / "optim.pt", weights_only=True)
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except ValueError:  # another set of trainable tensors: Adam's moments have nothing to attach to
+            raise ReefcapError(
+                f"stage {stage.name!r} is in progress with other parameter groups; it cannot resume with {stage.groups}"
+            ) from None
+        scheduler.load_state_dict(saved["scheduler"])
+        # The saved state carries the lr and decay the run started with; the stage's own win, so that
+        # --resume-override applies. Unchanged they are the same floats (LambdaLR: base_lr * factor(step)).
+        factor = schedule(stage, total)(scheduler.last_epoch)
+        scheduler.base_lrs = [lr for lr, _ in wanted]
+        for group, (lr, decay) in zip(optimizer.param_groups, wanted, strict=True):
+            group.update(initial_lr=lr, weight_decay=decay, lr=lr * factor)
+        return optimizer, scheduler
 
     def _step(self, wrapped, model, optimizer, scheduler, batches, air, anchors, stats, state, si) -> dict[str, Any]:
         acc, cfg, preserve = self.acc, self.config, self.recipe.preserve
