@@ -7,18 +7,19 @@ Runs already finished in ``--work`` are reused, so an interrupted comparison con
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import statistics
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from reefcap.models.errors import ReefcapError
 
-from .config import GROUPS, load_recipe
+from .config import GROUPS, TrainConfig, load_recipe
 from .evaluation import write_json
+from .runs import RunInputs, run_training, scaled_recipe
 
 TABLE_UNDERWATER = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 TABLE_COLLAPSE = ("repetition_rate", "distinct_2", "empty_or_one_word")
@@ -98,38 +99,65 @@ def _plots(runs: dict[str, list[Path]], out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def run_compare(args: argparse.Namespace) -> Path:
-    from .train_cli import run_training
+@dataclass(frozen=True)
+class CompareConfig:
+    """What `reefcap compare` runs and reports: recipes x seeds, test splits, where runs and report go."""
 
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    recipes = {n: load_recipe(n) for n in names}  # fail on a bad name before any training
-    if any(r.preserve for r in recipes.values()) and not args.preserve_data:
+    recipes: tuple[str, ...]
+    seeds: int
+    test: str
+    work: str
+    report: str
+    test_air: str | None = None
+    title: str = "Protocol comparison"
+    meteor: bool = True
+    epochs_scale: float = 1.0
+    lr_scale: float = 1.0
+
+
+def run_compare(
+    compare: CompareConfig, config: TrainConfig, inputs: RunInputs, *, override: bool = False, progress: bool = True
+) -> Path:
+    """Train every recipe with seeds ``0..seeds-1`` (``config.seed`` is replaced), evaluate, write the report.
+
+    A run with a checkpoint but no ``last/`` is resumed; its saved setup must match (or ``override``).
+    """
+    # Every name loaded first: a typo fails before any training.
+    recipes = {n: scaled_recipe(load_recipe(n), compare.epochs_scale, compare.lr_scale) for n in compare.recipes}
+    if any(r.preserve for r in recipes.values()) and not inputs.preserve_data:
         raise ReefcapError("a recipe with knowledge preservation is listed: pass --preserve-data (in-air captions)")
-    if args.seeds < 1:
+    if compare.seeds < 1:
         raise ReefcapError("--seeds must be >= 1")
-    work, report = Path(args.work), Path(args.report)
-    splits = {"underwater": Path(args.test)}
-    if args.test_air:
-        splits["in-air"] = Path(args.test_air)
-    meteor = not args.no_meteor
+    work, report = Path(compare.work), Path(compare.report)
+    splits = {"underwater": Path(compare.test)}
+    if compare.test_air:
+        splits["in-air"] = Path(compare.test_air)
 
-    results: dict[str, list[dict]] = {"start": [_evaluate(args.model, splits, work / "start-eval.json", meteor)]}
+    start_eval = _evaluate(inputs.model, splits, work / "start-eval.json", compare.meteor)
+    results: dict[str, list[dict]] = {"start": [start_eval]}
     runs: dict[str, list[Path]] = {}
     for name, recipe in recipes.items():
-        for seed in range(args.seeds):
+        for seed in range(compare.seeds):
             out = work / name / f"seed{seed}"
             if not (out / "last").is_dir():
-                args.resume = (out / "checkpoint").is_dir()
-                run_training(args, recipe=recipe, seed=seed, out=out)
+                resume = (out / "checkpoint").is_dir()
+                run_config = replace(config, seed=seed)
+                run_training(recipe, run_config, inputs, out, resume=resume, override=override, progress=progress)
             runs.setdefault(name, []).append(out)
-            results.setdefault(name, []).append(_evaluate(out / "best", splits, out / "test-eval.json", meteor))
+            results.setdefault(name, []).append(_evaluate(out / "best", splits, out / "test-eval.json", compare.meteor))
     write_json(report.with_suffix(".json"), {"splits": {k: str(v) for k, v in splits.items()}, "results": results})
     plots = _plots(runs, report.parent, report.stem)
-    report.write_text(_markdown(args, results, splits, plots))
+    report.write_text(_markdown(compare, inputs, results, splits, plots))
     return report
 
 
-def _markdown(args, results: dict[str, list[dict]], splits: dict[str, Path], plots: list[Path]) -> str:
+def _markdown(
+    compare: CompareConfig,
+    inputs: RunInputs,
+    results: dict[str, list[dict]],
+    splits: dict[str, Path],
+    plots: list[Path],
+) -> str:
     cols = [("underwater", k) for k in TABLE_UNDERWATER]
     if "in-air" in splits:
         cols += [("in-air", "Bleu_4"), ("in-air", "CIDEr")]
@@ -146,11 +174,11 @@ def _markdown(args, results: dict[str, list[dict]], splits: dict[str, Path], plo
     ordering = " > ".join(f"{n} ({statistics.fmean(r['underwater']['CIDEr'] for r in results[n]):.3f})" for n in order)
     command = "reefcap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     parts = [
-        f"# {args.title}",
+        f"# {compare.title}",
         "",
-        f"Start model `{args.model}`; training data `{args.data}`; validation `{args.val}`; "
-        f"{args.seeds} seed(s) per protocol; epochs scaled by {args.epochs_scale}, lrs by {args.lr_scale}. Scores are "
-        "pycocoevalcap fractions of the model selected on validation CIDEr + BLEU-4; mean ± std over seeds.",
+        f"Start model `{inputs.model}`; training data `{inputs.data}`; validation `{inputs.val}`; "
+        f"{compare.seeds} seed(s) per protocol; epochs scaled by {compare.epochs_scale}, lrs by {compare.lr_scale}. "
+        "Scores are pycocoevalcap fractions of the model selected on validation CIDEr + BLEU-4; mean ± std over seeds.",
         "",
         *lines,
         "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -28,37 +28,26 @@ def _train_config(args: argparse.Namespace):
     )
 
 
-def run_training(args: argparse.Namespace, recipe=None, seed: int | None = None, out: Path | None = None) -> dict:
-    from .config import load_recipe
-    from .data import load_records
-    from .trainer import Trainer
+def _inputs(args: argparse.Namespace):
+    from .runs import RunInputs
 
-    recipe = recipe or load_recipe(args.recipe)
-    if args.epochs_scale != 1.0:
-        recipe = recipe.scaled(args.epochs_scale)
-    if args.lr_scale != 1.0:
-        recipe = recipe.lr_scaled(args.lr_scale)
-    config = _train_config(args)
-    if seed is not None:
-        config = replace(config, seed=seed)
-    train = load_records(args.data)
-    val = load_records(args.val) if args.val else None
-    air = load_records(args.preserve_data) if getattr(args, "preserve_data", None) else None
-    trainer = Trainer(
-        args.model,
-        recipe,
-        config,
-        out or Path(args.out),
-        train,
-        val,
-        air,
-        progress=not args.no_progress,
-    )
-    return trainer.run(resume=args.resume)
+    return RunInputs(model=args.model, data=args.data, val=args.val, preserve_data=args.preserve_data)
 
 
 def _train(args: argparse.Namespace) -> int:
-    summary = run_training(args)
+    from .config import load_recipe
+    from .runs import run_training, scaled_recipe
+
+    recipe = scaled_recipe(load_recipe(args.recipe), args.epochs_scale, args.lr_scale)
+    summary = run_training(
+        recipe,
+        _train_config(args),
+        _inputs(args),
+        args.out,
+        resume=args.resume,
+        override=args.resume_override,
+        progress=not args.no_progress,
+    )
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -121,9 +110,23 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+    from .compare import CompareConfig, run_compare
 
-    report = run_compare(args)
+    compare = CompareConfig(
+        recipes=tuple(n.strip() for n in args.recipes.split(",") if n.strip()),
+        seeds=args.seeds,
+        test=args.test,
+        test_air=args.test_air,
+        work=args.work,
+        report=args.report,
+        title=args.title,
+        meteor=not args.no_meteor,
+        epochs_scale=args.epochs_scale,
+        lr_scale=args.lr_scale,
+    )
+    report = run_compare(
+        compare, _train_config(args), _inputs(args), override=args.resume_override, progress=not args.no_progress
+    )
     print(json.dumps({"report": str(report)}))
     return 0
 
@@ -152,7 +155,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="P",
         help="re-render training images underwater with probability P (extra augmentation)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint exactly; refused if the options differ from the run's saved ones",
+    )
+    p.add_argument(
+        "--resume-override",
+        action="store_true",
+        help="with --resume: continue with the options given now where they differ from the saved ones",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
