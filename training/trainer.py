@@ -51,7 +51,10 @@ class TrainState:
 
 
 def schedule(stage: StageConfig, total: int):
-    """lr multiplier per step: linear warmup, then cosine / linear decay to 0, or constant."""
+    """lr multiplier per step: linear warmup, then cosine / linear decay to 0, or constant.
+
+    Not ``transformers.get_scheduler``: its warmup starts at lr 0 and its linear decay rounds differently.
+    """
     warm = int(round(stage.warmup * total))
 
     def factor(step: int) -> float:
