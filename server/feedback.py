@@ -207,7 +207,7 @@ class FeedbackStore:
 
     def export(self, out: str | Path) -> dict[str, Any]:
         """Write every image with references as a COCO-captions set: ``out/captions.json`` + ``out/images/``."""
-        from reefcap.training.datasets import CaptionRecord, write_coco
+        from reefcap.models.records import CaptionRecord, write_coco
 
         self.flush()
         out = Path(out)

@@ -15,12 +15,12 @@ from server_helpers import collapsed_model, copy_model, corrupt_copy, metric, pn
 
 from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.factory import TinyConfig, init_tiny
+from reefcap.models.quality import uciqe, uiqm
 from reefcap.models.torch_engine import TorchCaptionEngine
 from reefcap.server.app import build_pool, create_app
 from reefcap.server.metrics import Metrics
 from reefcap.server.pool import ModelPool, degenerate_reason
 from reefcap.server.settings import ServerSettings
-from reefcap.training.quality import uciqe, uiqm
 
 CPU = EngineConfig(device="cpu")
 
@@ -244,9 +244,9 @@ def test_corrupt_primary_at_start_serves_fallback(tiny_model, tmp_path):
 
 
 def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
+    from reefcap.models.datasets import load_dataset
     from reefcap.server.cli import register  # noqa: F401 - the export command is exercised below via main()
     from reefcap.server.feedback import _tokens
-    from reefcap.training.datasets import load_dataset
 
     s = settings(tmp_path)
     pool = ModelPool(engines["varied"], None)
