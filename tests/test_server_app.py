@@ -15,11 +15,12 @@ from server_helpers import collapsed_model, copy_model, corrupt_copy, metric, pn
 
 from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.factory import TinyConfig, init_tiny
+from reefcap.models.metrics import degenerate_reason
 from reefcap.models.quality import uciqe, uiqm
 from reefcap.models.torch_engine import TorchCaptionEngine
 from reefcap.server.app import build_pool, create_app
 from reefcap.server.metrics import Metrics
-from reefcap.server.pool import ModelPool, degenerate_reason
+from reefcap.server.pool import ModelPool
 from reefcap.server.settings import ServerSettings
 
 CPU = EngineConfig(device="cpu")
@@ -245,8 +246,8 @@ def test_corrupt_primary_at_start_serves_fallback(tiny_model, tmp_path):
 
 def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
     from reefcap.models.datasets import load_dataset
+    from reefcap.models.metrics import tokenize
     from reefcap.server.cli import register  # noqa: F401 - the export command is exercised below via main()
-    from reefcap.server.feedback import _tokens
 
     s = settings(tmp_path)
     pool = ModelPool(engines["varied"], None)
@@ -259,9 +260,9 @@ def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
             ).json()
             served.append((body["request_id"], body["results"][0]["caption"], p))
         # BLEU-4 needs four words: the first caption that long gets itself as reference, two others unrelated ones.
-        # Words as the rolling scorer counts them (runs of letters and digits; punctuation is dropped).
-        served = sorted(served, key=lambda s: len(_tokens(s[1]).split()) < 4)[:3]
-        assert len(_tokens(served[0][1]).split()) >= 4, served
+        # Words as the rolling scorer counts them (PTB tokens; punctuation is dropped).
+        served = sorted(served, key=lambda s: len(tokenize(s[1]).split()) < 4)[:3]
+        assert len(tokenize(served[0][1]).split()) >= 4, served
         r = await client.post("/v1/feedback", json={"request_id": served[0][0], "references": [served[0][1]]})
         assert r.status_code == 200, r.text
         perfect = r.json()["rolling"]
