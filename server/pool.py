@@ -76,7 +76,7 @@ def checkpoint_manifest(model: str) -> dict[str, Any]:
         return {}
 
 
-def read_manifest(engine: CaptionEngine) -> dict[str, Any]:
+def evaluation_manifest(engine: CaptionEngine) -> dict[str, Any]:
     """The model's ``manifest.json`` (evaluation metrics per split), or {} when absent or unreadable.
 
     An ONNX export folder has a manifest of its own naming the checkpoint it came from; the evaluation
@@ -105,7 +105,7 @@ class _Slot:
         self.engine = engine
         self.role = role
         self.info = engine.describe()
-        self.manifest = manifest if manifest else read_manifest(engine)
+        self.manifest = manifest if manifest else evaluation_manifest(engine)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reefcap-{role}")
         self.busy = 0  # batches submitted and not finished (an overrun keeps this above zero)
         self.busy_lock = threading.Lock()  # busy changes on the event loop and on the engine's thread

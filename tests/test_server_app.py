@@ -389,13 +389,13 @@ def test_fastest_backend_prefers_an_importable_onnx(monkeypatch):
 
 
 def test_manifest_of_an_export_folder_points_to_its_checkpoint(varied_model, tmp_path):
-    from reefcap.server.pool import read_manifest
+    from reefcap.server.pool import evaluation_manifest
 
     checkpoint = copy_model(varied_model, tmp_path / "ckpt", {"underwater": {"CIDEr": 0.9}})
     export = copy_model(varied_model, tmp_path / "export")
     (export / "manifest.json").write_text(json.dumps({"precision": "fp32", "source": {"path": str(checkpoint)}}))
     engine = TorchCaptionEngine.load(str(export), CPU)
-    assert read_manifest(engine)["metrics"] == {"underwater": {"CIDEr": 0.9}}
+    assert evaluation_manifest(engine)["metrics"] == {"underwater": {"CIDEr": 0.9}}
 
 
 def test_deadline_504_cors_off_by_default_and_on_when_set(engines, tmp_path):

@@ -160,7 +160,7 @@ def _shown(folder: Path) -> str:
     return str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder)
 
 
-def evaluate(sets: dict) -> dict:
+def realism_checks(sets: dict) -> dict:
     """The three checks of the issue, with the numbers behind them."""
     raw = sets["raw"]
     rng = {m: (float(raw[m].min()), float(raw[m].max())) for m in MEASURES}
@@ -265,10 +265,10 @@ def write_report(out="docs", euvp=None, scenes: int = 200, seed: int = 0, size: 
     out = Path(out)
     euvp = EUVP_DIR if euvp is None else Path(euvp)
     main = measure_sets(euvp, scenes, seed, size, workers)
-    ev = evaluate(main)
+    ev = realism_checks(main)
     small_size = 128 if size != 128 else 96
     small = measure_sets(euvp, scenes, seed, small_size, workers, keep=0)
-    ev_small = evaluate(small)
+    ev_small = realism_checks(small)
     figure(main["_images"], out / FIGURE_NAME)
     where = "" if euvp == EUVP_DIR else f" --euvp {euvp}"
     cmd = f"reefcap data report --out {out}{where} --scenes {scenes} --seed {seed} --size {size}"
