@@ -7,7 +7,9 @@ ARG VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
 # The CPU wheel index keeps gigabytes of CUDA libraries out of the CPU image; the GPU variant uses PyPI's CUDA wheel.
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
-ARG EXTRAS=train
+# The plain install serves (/v1/captions, /v1/feedback and its BLEU/CIDEr included); name extras to add more,
+# e.g. --build-arg EXTRAS=train for training and METEOR inside the image (METEOR also needs a Java runtime).
+ARG EXTRAS=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -33,6 +35,7 @@ RUN if [ "$VARIANT" = "gpu" ]; then \
 COPY pyproject.toml README.md ./
 COPY reefcap ./reefcap
 COPY models ./models
+# training/ is part of the package (its commands register with the CLI); its extra's dependencies are not.
 COPY training ./training
 COPY server ./server
 COPY clients ./clients
@@ -40,7 +43,7 @@ COPY clients ./clients
 # onnxruntime-gpu replaces onnxruntime (pip cannot hold both), as pyproject's gpu extra explains.
 # The project itself is the local source (no version to pin); its dependencies' ranges live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install ".[${EXTRAS}]" \
+RUN pip install ".${EXTRAS:+[${EXTRAS}]}" \
     && if [ "$VARIANT" = "gpu" ]; then \
         pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.20"; \
     fi

@@ -44,7 +44,7 @@ def _manifest_path(base: Path, value: object, where: str) -> str:
     return str(path if path.is_absolute() else base / path)
 
 
-def read_manifest(path: Path) -> list[ImageInput]:
+def read_image_manifest(path: Path) -> list[ImageInput]:
     """Image inputs listed in a manifest file; malformed rows raise :class:`InputError` naming file and line."""
     base = path.parent
     try:
@@ -123,7 +123,7 @@ def expand_inputs(args: Iterable[str]) -> list[ImageInput]:
                 raise InputError(f"{arg}: no images in this directory or below (looked for {suffixes})")
             items = [ImageInput(str(p)) for p in found]
         elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES and _is_manifest(path):
-            items = read_manifest(path)
+            items = read_image_manifest(path)
         elif not path.exists() and glob.has_magic(arg):
             items = [ImageInput(p) for p in sorted(glob.glob(arg, recursive=True)) if Path(p).is_file()]
             if not items:

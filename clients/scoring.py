@@ -1,8 +1,9 @@
 """Score batch captioning results against COCO-captions references (``reefcap caption --references``).
 
 Predictions are matched to references by dataset image id when the inputs came from a COCO manifest, else
-by the image file's resolved path. The metrics are the training package's (pycocoevalcap + collapse
-indicators), so a batch run and ``reefcap eval`` report the same numbers.
+by the image file's resolved path. The metrics are the library's (:mod:`reefcap.models.metrics`), the ones
+``reefcap eval`` reports, so a batch run and an evaluation give the same numbers; METEOR among them needs
+pycocoevalcap and Java (the ``train`` extra).
 """
 
 from __future__ import annotations
@@ -10,17 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from reefcap.models.datasets import load_dataset
 from reefcap.models.errors import ReefcapError
+from reefcap.models.metrics import coco_metrics, collapse_metrics
 
 
 def score_results(results: list[dict[str, Any]], ids: dict[str, Any], references: Path) -> dict[str, float]:
     """Caption metrics of the captioned records in ``results`` against the references' captions."""
-    try:
-        from reefcap.training.datasets import load_dataset
-        from reefcap.training.evaluation import coco_metrics, collapse_metrics
-    except ImportError as exc:
-        raise ReefcapError(f"--references needs the training extra: pip install 'reefcap[train]' ({exc})") from None
-
     records = load_dataset(references)
     by_id = {r.image_id: r for r in records}
     by_path = {Path(r.path).resolve(): r for r in records}

@@ -2,15 +2,15 @@
 
 Every captioned image is stored with its caption (``served``), newest ``retain`` kept, plus any image that
 has feedback (those are never pruned). ``POST /v1/feedback`` adds references for a served request id.
-Rolling BLEU-4 and CIDEr per model are computed with pycocoevalcap over the latest ``window`` images with
-references; ``export`` writes the images and references as a COCO-captions training set.
+Rolling BLEU-4 and CIDEr per model (:mod:`reefcap.models.metrics`, the numbers ``reefcap eval`` reports) are
+computed over the latest ``window`` images with references; ``export`` writes the images and references as a
+COCO-captions training set.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import re
 import sqlite3
 import threading
 import time
@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from reefcap.models.errors import ReefcapError
+from reefcap.models.metrics import bleu4_cider
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS served (
@@ -40,18 +41,12 @@ CREATE INDEX IF NOT EXISTS feedback_item ON feedback (request_id, idx);
 MAX_STORED_BYTES = 1 << 20
 MAX_STORED_SIDE = 1024
 log = logging.getLogger("reefcap.server")
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
 class UnknownRequestError(ReefcapError):
     """Feedback named a request id (or image index) this server never served or no longer keeps."""
 
     code = "unknown_request"
-
-
-def _tokens(text: str) -> str:
-    """Lower-case words without punctuation: the PTB tokenizer's effect on captions, without starting Java."""
-    return " ".join(_WORD.findall(text.lower()))
 
 
 def stored_image(data: bytes, image: Image.Image) -> tuple[bytes, str]:
@@ -184,18 +179,13 @@ class FeedbackStore:
         return list(grouped.values())
 
     def rolling_scores(self, model: str, window: int) -> dict[str, float]:
-        """BLEU-4 and CIDEr (pycocoevalcap) of the model's served captions against the references."""
+        """BLEU-4 and CIDEr of the model's served captions against the references: the library's caption
+        metrics, tokenised and computed exactly as ``reefcap eval`` computes them."""
         pairs = self.pairs(model, window)
         if not pairs:
             return {}
-        from pycocoevalcap.bleu.bleu import Bleu
-        from pycocoevalcap.cider.cider import Cider
-
-        res = {i: [_tokens(c) or "_"] for i, (c, _) in enumerate(pairs)}
-        gts = {i: [_tokens(r) or "_" for r in refs] for i, (_, refs) in enumerate(pairs)}
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        cider, _ = Cider().compute_score(gts, res)
-        return {"Bleu_4": float(bleu[3]), "CIDEr": float(cider), "images": float(len(pairs))}
+        scores = bleu4_cider({i: c for i, (c, _) in enumerate(pairs)}, {i: refs for i, (_, refs) in enumerate(pairs)})
+        return {**scores, "images": float(len(pairs))}
 
     def models_with_feedback(self) -> list[str]:
         self.flush()
@@ -207,7 +197,7 @@ class FeedbackStore:
 
     def export(self, out: str | Path) -> dict[str, Any]:
         """Write every image with references as a COCO-captions set: ``out/captions.json`` + ``out/images/``."""
-        from reefcap.training.datasets import CaptionRecord, write_coco
+        from reefcap.models.records import CaptionRecord, write_coco
 
         self.flush()
         out = Path(out)

@@ -2,8 +2,8 @@
 
 - primary missing or corrupt at start: the fallback serves alone (``/readyz`` says so);
 - primary raises or overruns ``primary_timeout_s``: the whole batch is retried on the fallback;
-- a degenerate primary caption (empty, or looping repetition: DAMF's decoding collapse): the fallback's
-  caption for that image;
+- a degenerate primary caption (empty, or looping repetition: DAMF's decoding collapse, as
+  :func:`reefcap.models.metrics.degenerate_reason` defines it): the fallback's caption for that image;
 - ``breaker_failures`` consecutive primary failures open a circuit breaker: the primary is skipped for
   ``breaker_reset_s``, then tried again on one batch.
 
@@ -28,6 +28,7 @@ from PIL import Image
 from reefcap.models.backends import BACKENDS, engine_class, load_engine
 from reefcap.models.engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
 from reefcap.models.errors import ModelLoadError, ReefcapError
+from reefcap.models.metrics import degenerate_reason
 from reefcap.models.registry import resolve_model
 
 log = logging.getLogger("reefcap.server")
@@ -75,7 +76,7 @@ def checkpoint_manifest(model: str) -> dict[str, Any]:
         return {}
 
 
-def read_manifest(engine: CaptionEngine) -> dict[str, Any]:
+def evaluation_manifest(engine: CaptionEngine) -> dict[str, Any]:
     """The model's ``manifest.json`` (evaluation metrics per split), or {} when absent or unreadable.
 
     An ONNX export folder has a manifest of its own naming the checkpoint it came from; the evaluation
@@ -86,24 +87,6 @@ def read_manifest(engine: CaptionEngine) -> dict[str, Any]:
     if "metrics" not in data and isinstance(origin, dict) and isinstance(origin.get("path"), str):
         data = _read_json(Path(origin["path"]) / MANIFEST)
     return data
-
-
-def degenerate_reason(text: str) -> str | None:
-    """ "empty" or "repetition" for a collapsed caption, else None.
-
-    Repetition: one word, pair or triple of words repeated three times in a row ("coral coral coral",
-    "a fish a fish a fish"), or a caption of 8+ words with fewer than 40% distinct.
-    """
-    words = text.lower().split()
-    if not words:
-        return "empty"
-    for n in (1, 2, 3):
-        for i in range(len(words) - 3 * n + 1):
-            if words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]:
-                return "repetition"
-    if len(words) >= 8 and len(set(words)) / len(words) < 0.4:
-        return "repetition"
-    return None
 
 
 @dataclass(frozen=True)
@@ -122,7 +105,7 @@ class _Slot:
         self.engine = engine
         self.role = role
         self.info = engine.describe()
-        self.manifest = manifest if manifest else read_manifest(engine)
+        self.manifest = manifest if manifest else evaluation_manifest(engine)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reefcap-{role}")
         self.busy = 0  # batches submitted and not finished (an overrun keeps this above zero)
         self.busy_lock = threading.Lock()  # busy changes on the event loop and on the engine's thread

@@ -16,7 +16,7 @@ from reefcap.models.engine import EngineConfig
 from reefcap.models.errors import ReefcapError
 from reefcap.models.registry import resolve_model
 
-from .pool import ModelPool, checkpoint_manifest, load_model, read_manifest
+from .pool import ModelPool, checkpoint_manifest, evaluation_manifest, load_model
 
 log = logging.getLogger("reefcap.server")
 TOLERANCE = 1e-9
@@ -71,7 +71,7 @@ class Reloader:
             except ReefcapError:
                 self.metrics.reloads.labels("load_failed").inc()
                 raise
-            candidate = checkpoint_manifest(target) or read_manifest(engine)
+            candidate = checkpoint_manifest(target) or evaluation_manifest(engine)
             current = self.pool.primary.manifest if self.pool.primary else {}
             problems = quality_gate(candidate, current)
             if problems:

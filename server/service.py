@@ -19,6 +19,7 @@ from PIL import Image
 
 from reefcap.models.engine import DecodeOptions
 from reefcap.models.images import ImageLimits, load_image
+from reefcap.models.quality import uciqe, uiqm
 
 from .batcher import DeadlineExceededError, DynamicBatcher
 from .feedback import FeedbackStore, stored_image
@@ -31,19 +32,16 @@ log = logging.getLogger("reefcap.server")
 # bounded cost (about 1 ms on this project's 2-core CI machine) whatever the upload.
 QUALITY_SIDE = 128
 
-try:  # numpy-only measures from the training package; the server runs without them if absent
-    from reefcap.training.quality import uciqe, uiqm
-except ImportError:  # pragma: no cover - depends on the installed tree
-    uiqm = uciqe = None
-
 
 @dataclass
-class Decoded:
+class DecodedUpload:
+    """One uploaded image, decoded, with the bytes kept for feedback and its input quality."""
+
     image: Image.Image
     stored: bytes
     ext: str
-    uiqm: float | None
-    uciqe: float | None
+    uiqm: float
+    uciqe: float
 
 
 def quality_copy(image: Image.Image) -> Image.Image:
@@ -52,14 +50,12 @@ def quality_copy(image: Image.Image) -> Image.Image:
     return image.reduce(factor) if factor > 1 else image
 
 
-def decode_one(data: bytes, limits: ImageLimits, index: int) -> Decoded:
+def decode_one(data: bytes, limits: ImageLimits, index: int) -> DecodedUpload:
     """Decode and measure one upload (runs on a decoding thread). Raises a typed ImageError."""
     image = load_image(data, limits, name=f"image {index}")
     small = np.asarray(quality_copy(image))  # one uint8 array for both measures
-    q_uiqm = round(float(uiqm(small)), 4) if uiqm else None
-    q_uciqe = round(float(uciqe(small)), 4) if uciqe else None
     stored, ext = stored_image(data, image)
-    return Decoded(image, stored, ext, q_uiqm, q_uciqe)
+    return DecodedUpload(image, stored, ext, round(uiqm(small), 4), round(uciqe(small), 4))
 
 
 class CaptionService:
@@ -105,7 +101,7 @@ class CaptionService:
         start = time.perf_counter()
         deadline = time.monotonic() + self.settings.request_timeout_s
         loop = asyncio.get_running_loop()
-        decoded: list[Decoded] = await asyncio.gather(
+        decoded: list[DecodedUpload] = await asyncio.gather(
             *(loop.run_in_executor(self.decoder, decode_one, data, self.limits, i) for i, data in enumerate(uploads))
         )
         remaining = deadline - time.monotonic()
@@ -150,15 +146,13 @@ class CaptionService:
             log.error("could not record request %s for feedback: %s", request_id, exc)
         return results
 
-    def _observe(self, d: Decoded, s: Served) -> None:
+    def _observe(self, d: DecodedUpload, s: Served) -> None:
         m = self.metrics
         m.images.labels(model=s.info.name).inc()
         m.caption_words.observe(len(s.caption.caption.split()))
         m.confidence.observe(s.caption.confidence)
-        if d.uiqm is not None:
-            m.uiqm.observe(d.uiqm)
-        if d.uciqe is not None:
-            m.uciqe.observe(d.uciqe)
+        m.uiqm.observe(d.uiqm)
+        m.uciqe.observe(d.uciqe)
 
     async def add_feedback(self, request_id: str, index: int, references: list[str]) -> dict[str, Any]:
         """Store references and refresh the model's rolling BLEU-4/CIDEr (computed on a worker thread)."""

@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from reefcap.models.datasets import load_dataset
 from reefcap.models.errors import ReefcapError
-from reefcap.training.datasets import (
-    CaptionRecord,
-    DatasetError,
-    load_dataset,
-    split_records,
-    write_coco,
-)
+from reefcap.models.records import CaptionRecord, DatasetError, split_records, write_coco
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 OTHER_PACKAGES = ("training", "server", "clients")
 
@@ -17,6 +19,9 @@ def imported_modules(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             prefix = "." * node.level
             names.append(prefix + (node.module or ""))
+            # `from reefcap import training` / `from .. import training` name the package in the alias.
+            base = f"{prefix}{node.module}." if node.module else prefix
+            names.extend(base + alias.name for alias in node.names)
     return names
 
 
@@ -25,6 +30,18 @@ def test_models_imports_nothing_from_the_other_packages():
     for path in (REPO / "models").rglob("*.py"):
         for name in imported_modules(path):
             if name.startswith("..") or any(name.startswith(f"reefcap.{p}") for p in OTHER_PACKAGES):
+                offenders.append(f"{path.relative_to(REPO)}: {name}")
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("package", ["server", "clients"])
+def test_serving_and_clients_import_nothing_from_training(package):
+    """``pip install reefcap`` serves and captions without the ``train`` extra: what the server and the
+    clients share with training (image quality, caption metrics, dataset records) lives in models/."""
+    offenders = []
+    for path in (REPO / package).rglob("*.py"):
+        for name in imported_modules(path):
+            if name.startswith("reefcap.training") or name.startswith("..training"):
                 offenders.append(f"{path.relative_to(REPO)}: {name}")
     assert not offenders, offenders
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from reefcap.models import quality
 from reefcap.models.errors import ImageError
-from reefcap.training import quality
 
 
 def solid(rgb, size=40):

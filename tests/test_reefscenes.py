@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from reefcap.cli import main
-from reefcap.training import quality
+from reefcap.models import quality
+from reefcap.models.datasets import load_dataset
 from reefcap.training.captions import NOUNS, make_captions, names_conditions
-from reefcap.training.datasets import load_dataset
 from reefcap.training.optics import JERLOV_N, underwater
 from reefcap.training.painter import paint
 from reefcap.training.reefscenes import ReefScenesConfig, default_counts, generate, render_scene, scene_split
@@ -203,7 +203,7 @@ def test_cli_generate_preview_convert_and_errors(tmp_path, capsys):
 
 def test_training_cli_and_data_modules_do_not_import_torch():
     code = (
-        "import sys, reefcap.training.cli, reefcap.training.quality, reefcap.training.datasets, "
+        "import sys, reefcap.training.cli, reefcap.models.quality, reefcap.models.datasets, "
         "reefcap.training.reefscenes, reefcap.training.report; assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

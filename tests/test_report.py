@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from reefcap.training.report import FIGURE_NAME, REPORT_NAME, evaluate, write_report
+from reefcap.training.report import FIGURE_NAME, REPORT_NAME, realism_checks, write_report
 
 
 def sets(raw, enhanced, uw, air):
@@ -19,16 +19,16 @@ RAW = [(2.0, 0.30, 0.2, 0.8), (3.0, 0.45, 0.6, 1.4)]
 ENHANCED = [(2.5, 0.35, 0.5, 1.0), (3.2, 0.47, 0.9, 1.0)]
 
 
-def test_evaluate_passes_only_when_every_condition_holds():
-    good = evaluate(sets(RAW, ENHANCED, [(2.5, 0.4, 0.4, 1.0)] * 3, [(2.5, 0.4, 1.0, 1.0)] * 3))
+def test_realism_checks_pass_only_when_every_condition_holds():
+    good = realism_checks(sets(RAW, ENHANCED, [(2.5, 0.4, 0.4, 1.0)] * 3, [(2.5, 0.4, 1.0, 1.0)] * 3))
     assert good["passed"] and good["joint_share_inside"] == {"underwater": 1.0, "in air": 0.0}
     # Underwater too red: its R/G mean leaves the real range.
-    assert not evaluate(sets(RAW, ENHANCED, [(2.5, 0.4, 0.9, 1.0)] * 3, [(2.5, 0.4, 1.0, 1.0)] * 3))["passed"]
+    assert not realism_checks(sets(RAW, ENHANCED, [(2.5, 0.4, 0.9, 1.0)] * 3, [(2.5, 0.4, 1.0, 1.0)] * 3))["passed"]
     # In air indistinguishable from the real photos.
-    assert not evaluate(sets(RAW, ENHANCED, [(2.5, 0.4, 0.4, 1.0)] * 3, [(2.5, 0.4, 0.4, 1.0)] * 3))["passed"]
+    assert not realism_checks(sets(RAW, ENHANCED, [(2.5, 0.4, 0.4, 1.0)] * 3, [(2.5, 0.4, 0.4, 1.0)] * 3))["passed"]
     # Enhancement rated below raw by UCIQE.
     worse = [(2.5, 0.2, 0.5, 1.0), (3.2, 0.3, 0.9, 1.0)]
-    assert not evaluate(sets(RAW, worse, [(2.5, 0.4, 0.4, 1.0)] * 3, [(2.5, 0.4, 1.0, 1.0)] * 3))["passed"]
+    assert not realism_checks(sets(RAW, worse, [(2.5, 0.4, 0.4, 1.0)] * 3, [(2.5, 0.4, 1.0, 1.0)] * 3))["passed"]
 
 
 def test_small_report_run_writes_markdown_and_figure(tmp_path, euvp_images):

@@ -15,12 +15,13 @@ from server_helpers import collapsed_model, copy_model, corrupt_copy, metric, pn
 
 from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.factory import TinyConfig, init_tiny
+from reefcap.models.metrics import degenerate_reason
+from reefcap.models.quality import uciqe, uiqm
 from reefcap.models.torch_engine import TorchCaptionEngine
 from reefcap.server.app import build_pool, create_app
 from reefcap.server.metrics import Metrics
-from reefcap.server.pool import ModelPool, degenerate_reason
+from reefcap.server.pool import ModelPool
 from reefcap.server.settings import ServerSettings
-from reefcap.training.quality import uciqe, uiqm
 
 CPU = EngineConfig(device="cpu")
 
@@ -244,9 +245,9 @@ def test_corrupt_primary_at_start_serves_fallback(tiny_model, tmp_path):
 
 
 def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
+    from reefcap.models.datasets import load_dataset
+    from reefcap.models.metrics import tokenize
     from reefcap.server.cli import register  # noqa: F401 - the export command is exercised below via main()
-    from reefcap.server.feedback import _tokens
-    from reefcap.training.datasets import load_dataset
 
     s = settings(tmp_path)
     pool = ModelPool(engines["varied"], None)
@@ -259,9 +260,9 @@ def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
             ).json()
             served.append((body["request_id"], body["results"][0]["caption"], p))
         # BLEU-4 needs four words: the first caption that long gets itself as reference, two others unrelated ones.
-        # Words as the rolling scorer counts them (runs of letters and digits; punctuation is dropped).
-        served = sorted(served, key=lambda s: len(_tokens(s[1]).split()) < 4)[:3]
-        assert len(_tokens(served[0][1]).split()) >= 4, served
+        # Words as the rolling scorer counts them (PTB tokens; punctuation is dropped).
+        served = sorted(served, key=lambda s: len(tokenize(s[1]).split()) < 4)[:3]
+        assert len(tokenize(served[0][1]).split()) >= 4, served
         r = await client.post("/v1/feedback", json={"request_id": served[0][0], "references": [served[0][1]]})
         assert r.status_code == 200, r.text
         perfect = r.json()["rolling"]
@@ -388,13 +389,13 @@ def test_fastest_backend_prefers_an_importable_onnx(monkeypatch):
 
 
 def test_manifest_of_an_export_folder_points_to_its_checkpoint(varied_model, tmp_path):
-    from reefcap.server.pool import read_manifest
+    from reefcap.server.pool import evaluation_manifest
 
     checkpoint = copy_model(varied_model, tmp_path / "ckpt", {"underwater": {"CIDEr": 0.9}})
     export = copy_model(varied_model, tmp_path / "export")
     (export / "manifest.json").write_text(json.dumps({"precision": "fp32", "source": {"path": str(checkpoint)}}))
     engine = TorchCaptionEngine.load(str(export), CPU)
-    assert read_manifest(engine)["metrics"] == {"underwater": {"CIDEr": 0.9}}
+    assert evaluation_manifest(engine)["metrics"] == {"underwater": {"CIDEr": 0.9}}
 
 
 def test_deadline_504_cors_off_by_default_and_on_when_set(engines, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from synthetic_captions import all_captions, make_dataset
 
 from reefcap.cli import main
-from reefcap.training.evaluation import coco_metrics, collapse_metrics
+from reefcap.models.metrics import coco_metrics, collapse_metrics
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]

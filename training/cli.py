@@ -39,7 +39,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .datasets import load_dataset, split_records, write_coco
+    from reefcap.models.datasets import load_dataset
+    from reefcap.models.records import split_records, write_coco
 
     records = load_dataset(args.path, fmt=args.fmt, images_root=args.images_root)
     splits = split_records(records, seed=args.seed)
@@ -51,7 +52,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _underwater(args: argparse.Namespace) -> int:
-    from .datasets import DatasetError, load_dataset
+    from reefcap.models.datasets import load_dataset
+    from reefcap.models.records import DatasetError
+
     from .optics import WATER_TYPES
     from .reefscenes import wet_dataset
 

@@ -23,7 +23,7 @@ from .labels import build_targets
 
 def load_records(path: str | Path) -> list:
     """Caption records of a dataset file (any format issue-3's loader reads)."""
-    from .datasets import load_dataset
+    from reefcap.models.datasets import load_dataset
 
     records = load_dataset(Path(path))
     if not records:

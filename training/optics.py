@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from reefcap.models.quality import srgb_to_linear
+
 # Per-metre residual energy N_c (R, G, B) by Jerlov water type; Jerlov 1976 as tabulated for UWCNN
 # (Li, Anwar & Porikli 2020). I-III are open ocean (blue), 1C-9C coastal (green, turbid).
 JERLOV_N: dict[str, tuple[float, float, float]] = {
@@ -100,10 +102,6 @@ def sample_params(rng: np.random.Generator, water_type: str | None = None) -> Wa
         noise=float(rng.uniform(0.003, 0.015)),
         jpeg_quality=int(rng.integers(70, 96)),
     )
-
-
-def srgb_to_linear(x: np.ndarray) -> np.ndarray:
-    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
 
 
 def linear_to_srgb(x: np.ndarray) -> np.ndarray:

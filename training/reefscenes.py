@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from reefcap.models.records import SPLITS, CaptionRecord, DatasetError, write_coco
+
 from .captions import describe_conditions, make_captions
-from .datasets import SPLITS, CaptionRecord, DatasetError, write_coco
 from .optics import render, sample_params
 from .painter import paint
 from .scenes import sample_scene, scene_rng
@@ -207,7 +208,7 @@ def wet_dataset(
     written (the data's own split when it has one, else 70/15/15 from ``seed``)."""
     from tqdm import tqdm
 
-    from .datasets import split_records
+    from reefcap.models.records import split_records
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

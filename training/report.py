@@ -1,6 +1,6 @@
 """Preview grids and the realism report: ReefScenes renderings measured against real underwater photos.
 
-The report measures UIQM, UCIQE (training/quality.py) and the channel-mean ratios R/G and B/G on the real
+The report measures UIQM, UCIQE (models/quality.py) and the channel-mean ratios R/G and B/G on the real
 EUVP samples (raw/ and enhanced/) and on renderings of the same procedural scenes in air and underwater,
 then checks that (1) both quality measures rate enhanced/ above raw/ on average, (2) the underwater
 renderings fall inside the range of the real raw photos, (3) the in-air renderings do not.
@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from reefcap.models import quality
+from reefcap.models.records import DatasetError
 from reefcap.models.samples import EUVP_DIR, REPO, sample_photos
 
-from . import quality
 from .captions import names_conditions
-from .datasets import DatasetError
 
 MEASURES = ("uiqm", "uciqe", "r_g", "b_g")
 LABELS = {"uiqm": "UIQM", "uciqe": "UCIQE", "r_g": "R/G", "b_g": "B/G"}
@@ -160,7 +160,7 @@ def _shown(folder: Path) -> str:
     return str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder)
 
 
-def evaluate(sets: dict) -> dict:
+def realism_checks(sets: dict) -> dict:
     """The three checks of the issue, with the numbers behind them."""
     raw = sets["raw"]
     rng = {m: (float(raw[m].min()), float(raw[m].max())) for m in MEASURES}
@@ -265,10 +265,10 @@ def write_report(out="docs", euvp=None, scenes: int = 200, seed: int = 0, size: 
     out = Path(out)
     euvp = EUVP_DIR if euvp is None else Path(euvp)
     main = measure_sets(euvp, scenes, seed, size, workers)
-    ev = evaluate(main)
+    ev = realism_checks(main)
     small_size = 128 if size != 128 else 96
     small = measure_sets(euvp, scenes, seed, small_size, workers, keep=0)
-    ev_small = evaluate(small)
+    ev_small = realism_checks(small)
     figure(main["_images"], out / FIGURE_NAME)
     where = "" if euvp == EUVP_DIR else f" --euvp {euvp}"
     cmd = f"reefcap data report --out {out}{where} --scenes {scenes} --seed {seed} --size {size}"
@@ -280,7 +280,7 @@ def write_report(out="docs", euvp=None, scenes: int = 200, seed: int = 0, size: 
         f"Real photos: the EUVP test pairs in `{_shown(euvp)}` (`raw/` as taken, `enhanced/` after",
         f"enhancement). Synthetic: scenes 0 to {scenes - 1} of seed {seed}, each rendered in air and underwater",
         "exactly as `reefcap data reefscenes` renders them (same layout, water and noise streams, JPEG-decoded).",
-        "UIQM and UCIQE follow the conventions documented in `training/quality.py` (Panetta et al. 2016,",
+        "UIQM and UCIQE follow the conventions documented in `models/quality.py` (Panetta et al. 2016,",
         "weights 0.0282/0.2953/3.5753; Yang & Sowmya 2015, weights 0.4680/0.2745/0.2576, terms normalised",
         "to 0..1); R/G and B/G are ratios of the channel means of the sRGB image.",
         "",

@@ -55,7 +55,17 @@ BLOCK = 10  # EME / logAMEE block size in pixels
 TRIM = 0.1  # alpha_L = alpha_R for the UICM trimmed mean
 LUMA = (0.299, 0.587, 0.114)  # UISM channel weights (Panetta et al. 2016, after the NTSC luma)
 
-__all__ = ["uiqm", "uciqe", "uiqm_terms", "uciqe_terms", "channel_ratios", "measure", "to_rgb_array"]
+__all__ = [
+    "uiqm",
+    "uciqe",
+    "uiqm_terms",
+    "uciqe_terms",
+    "channel_ratios",
+    "measure",
+    "to_rgb_array",
+    "rgb_to_lab",
+    "srgb_to_linear",
+]
 
 
 def _rgb_uint8(image: Any) -> np.ndarray:
@@ -202,17 +212,18 @@ _SRGB_TO_XYZ = np.array(  # IEC 61966-2-1, D65
 _D65_WHITE = np.array([0.95047, 1.0, 1.08883])
 
 
-def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """The sRGB transfer curve inverted (IEC 61966-2-1): values in 0..1 to linear light in 0..1."""
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
 # The transfer curve of every 8-bit value: indexing it replaces a power per pixel.
-_LINEAR_LUT = _srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)
+_LINEAR_LUT = srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)
 
 
 def _lab_planes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """L*, a*, b* (flat float32) of an HxWx3 sRGB array on the 0..255 scale (uint8 takes a lookup table)."""
-    linear = _LINEAR_LUT[rgb] if rgb.dtype == np.uint8 else _srgb_to_linear(np.asarray(rgb, np.float32) / 255)
+    linear = _LINEAR_LUT[rgb] if rgb.dtype == np.uint8 else srgb_to_linear(np.asarray(rgb, np.float32) / 255)
     xyz = linear.reshape(-1, 3) @ (_SRGB_TO_XYZ.T / _D65_WHITE).astype(np.float32)
     eps, kappa = 216 / 24389, 24389 / 27
     f = np.cbrt(xyz)
