@@ -72,6 +72,29 @@ def test_concurrent_requests_are_batched(server, euvp_images):
     assert images >= 16 and batches < images, f"{batches} batches for {images} images: nothing was batched"
 
 
+def test_default_settings_serve_the_bundled_models_on_onnx(euvp_images, tmp_path, monkeypatch):
+    """`reefcap serve` as shipped: the bundled models, backend=auto, which on a CPU means ONNX Runtime."""
+    for name in ("MODEL", "FALLBACK", "BACKEND", "DEVICE", "API_KEY"):
+        monkeypatch.delenv(f"REEFCAP_{name}", raising=False)  # nothing may override the defaults under test
+    cache = tmp_path / "cache"  # a fresh export cache: the exports are made here on first use
+    srv = LiveServer(
+        {"REEFCAP_CACHE": str(cache), "REEFCAP_FEEDBACK_DB": str(tmp_path / "fb.sqlite3")}, tmp_path / "log"
+    )
+    try:
+        ready = httpx.get(srv.url + "/readyz", timeout=10).json()
+        assert ready["primary"]["name"] == "reefscenes-tiny-damf", ready
+        assert ready["primary"]["backend"] == ready["fallback"]["backend"] == "onnx", ready
+        files = [("images", (euvp_images[0].name, euvp_images[0].read_bytes(), "image/jpeg"))]
+        r = httpx.post(srv.url + "/v1/captions", files=files, timeout=60)
+        assert r.status_code == 200, r.text
+        result = r.json()["results"][0]
+        assert result["caption"] and result["fallback"] == {"used": False, "reason": None}
+        assert result["model"] == {**result["model"], "name": "reefscenes-tiny-damf", "backend": "onnx"}
+        assert len(list(cache.rglob("encoder.onnx"))) == 2  # primary and fallback exported, not PyTorch's weights
+    finally:
+        srv.stop()
+
+
 def test_malformed_images_get_json_4xx(server):
     r = httpx.post(server.url + "/v1/image-to-text", content=b"GIF89a\x01\x00broken", headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["code"] in ("not_an_image", "truncated_image")
