@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from synthetic_captions import all_captions, make_dataset
+from synthetic_captions import all_captions
 
 from reefcap.cli import main
 from reefcap.training.evaluation import coco_metrics, collapse_metrics
@@ -21,16 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("syn"), n=12)
-
-
-@pytest.fixture(scope="module")
-def small_model(synthetic, tmp_path_factory) -> Path:
-    from reefcap.models.factory import TinyConfig, init_tiny
-
-    cfg = TinyConfig(image_size=32, vision_hidden=64, text_hidden=64, vision_layers=2, text_layers=2, vocab_size=300)
-    return init_tiny(tmp_path_factory.mktemp("m") / "m", all_captions(synthetic), cfg)
+def synthetic_size() -> int:
+    return 12  # fewer images than conftest's default: these commands run end to end, some in subprocesses
 
 
 REFS = {
