@@ -161,6 +161,7 @@ def test_hot_reload_under_load_drops_nothing(server, models, euvp_images):
     assert httpx.get(server.url + "/readyz").json()["primary"]["name"] == "reef-better"
 
 
+@pytest.mark.heavy  # a headless Chromium
 def test_web_page_in_headless_chromium(server, euvp_images):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

@@ -33,6 +33,7 @@ REFS = {
 }
 
 
+@pytest.mark.heavy  # METEOR runs in Java
 def test_metrics_on_known_predictions():
     perfect = coco_metrics({k: v[0] for k, v in REFS.items()}, REFS)
     assert set(perfect) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
@@ -154,6 +155,7 @@ def _launch(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, **kw)
 
 
+@pytest.mark.heavy  # two processes under accelerate launch
 def test_accelerate_launch_two_cpu_processes(small_model, synthetic, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     out = tmp_path / "ddp"
