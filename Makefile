@@ -7,7 +7,7 @@ EXTRAS ?= test,train,ray
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test test-slow lint format serve bench bench-server gpu-wheels gpu-check gpu-check-dry clean
+.PHONY: install test test-fast test-slow lint format serve bench bench-server gpu-wheels gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q -m "not slow and not gpu"
+
+# The quick loop while editing: also leaves out the tests that start Ray, Chromium, accelerate, Java or qemu.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not gpu and not heavy"
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow"

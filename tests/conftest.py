@@ -49,3 +49,28 @@ def varied_model(tiny_model, tmp_path_factory) -> Path:
         if not (out / f.name).exists():
             shutil.copy(f, out / f.name)
     return out
+
+
+@pytest.fixture(scope="module")
+def synthetic_size() -> int:
+    """Images in ``synthetic``; a module overrides this fixture to use another count."""
+    return 16
+
+
+@pytest.fixture(scope="module")
+def synthetic(synthetic_size, tmp_path_factory) -> Path:
+    """A COCO-captions dataset of coloured shapes, two captions per image (tests/synthetic_captions.py)."""
+    from synthetic_captions import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("syn"), n=synthetic_size)
+
+
+@pytest.fixture(scope="module")
+def small_model(synthetic, tmp_path_factory) -> Path:
+    """A BLIP smaller than ``tiny_model``, its vocabulary from ``synthetic``'s captions: a training step costs ms."""
+    from synthetic_captions import all_captions
+
+    from reefcap.models.factory import TinyConfig, init_tiny
+
+    cfg = TinyConfig(image_size=32, vision_hidden=64, text_hidden=64, vision_layers=2, text_layers=2, vocab_size=300)
+    return init_tiny(tmp_path_factory.mktemp("m") / "m", all_captions(synthetic), cfg)

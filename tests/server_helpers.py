@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -112,12 +113,39 @@ class LiveServer:
         return self.proc.returncode
 
 
-def metric(text: str, name: str, **labels) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _samples(text: str, name: str, labels: dict) -> list[float]:
+    """Values of the samples of series ``name`` whose labels include ``labels`` (exposition text format)."""
+    want = {k: str(v) for k, v in labels.items()}
+    out = []
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            head, _, value = line.rpartition(" ")
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total += float(value)
-    return total
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        sample, _, rest = head.partition("{")
+        if sample == name and want.items() <= dict(_LABEL.findall(rest)).items():
+            out.append(float(value))
+    return out
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``; fails when there is none.
+
+    A missing series is an error, not 0: read as 0, a misspelt name or label would pass every ``== 0`` check.
+    """
+    values = _samples(text, name, labels)
+    assert values, f"no sample of {name} with labels {labels} in /metrics"
+    return sum(values)
+
+
+def metric_or_zero(text: str, name: str, **labels) -> float:
+    """Like :func:`metric`, but 0 for a labelled series never incremented (prometheus shows none until then).
+
+    The metric family must still be declared (its ``# TYPE`` line), so a misspelt name fails here too.
+    """
+    declared = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    family = re.sub(r"_(count|sum|bucket)$", "", name)
+    assert name in declared or family in declared, f"metric {name} is not declared in /metrics"
+    return float(sum(_samples(text, name, labels)))

@@ -126,6 +126,7 @@ def test_coco_results_and_stdout_mode(varied_model, euvp_images, tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+@pytest.mark.heavy  # METEOR runs in Java, in two CLI subprocesses
 def test_references_are_scored_with_the_caption_metrics(engine, varied_model, euvp_images, tmp_path):
     """References equal to the model's own greedy captions score BLEU-1 = 1; unrelated ones score lower."""
     # The fixture model can caption an image with nothing (it is random); references must be real words.

@@ -91,6 +91,7 @@ print(json.dumps({"saturates": int(y[0, 0]) != 64 * 255 * 127, "captions": capti
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates an x86-64 CPU for an x86-64 Python")
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (apt-get install qemu-user)")
+@pytest.mark.heavy  # Python under qemu's CPU emulation
 def test_int8_agreement_on_an_avx2_cpu_without_vnni(int8_export, fp32_captions, euvp_images):
     """The same agreement on an AVX2-only CPU (QEMU user-mode emulation, ~1 min): the saturating kernels run."""
     cmd = ["qemu-x86_64", "-cpu", EMULATED_CPU, sys.executable, "-c", EMULATED, str(int8_export)]

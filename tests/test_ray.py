@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.heavy  # starts a local Ray instance
 pytest.importorskip("ray", reason="the ray extra is not installed")
 
 from reefcap.clients.batch import BatchCaptioner  # noqa: E402

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from server_helpers import collapsed_model, copy_model, corrupt_copy, metric, png_bytes
+from server_helpers import collapsed_model, copy_model, corrupt_copy, metric, metric_or_zero, png_bytes
 
 from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.factory import TinyConfig, init_tiny
@@ -159,7 +159,7 @@ def test_limits_bomb_format_size_count_and_api_key(engines, tmp_path):
         assert (await client.get("/nope", headers=auth)).json()["error"]["code"] == "not_found"
         text = (await client.get("/metrics")).text
         assert metric(text, "reefcap_http_requests_total", endpoint="/v1/image-to-text", status="401") == 2
-        assert metric(text, "reefcap_http_requests_total", status="500") == 0
+        assert metric_or_zero(text, "reefcap_http_requests_total", status="500") == 0
 
     serve(s, pool, scenario)
 
@@ -214,7 +214,10 @@ def test_fallback_reasons_and_circuit_breaker(engines, euvp_images, tmp_path):
             r = await client.post("/v1/image-to-text", content=data)
             assert r.status_code == 200
             text = (await client.get("/metrics")).text
-            return {k: metric(text, "reefcap_fallbacks_total", reason=k) for k in ("primary_error", "circuit_open")}
+            # circuit_open has no series until the breaker first opens: absent counts as 0 here
+            return {
+                k: metric_or_zero(text, "reefcap_fallbacks_total", reason=k) for k in ("primary_error", "circuit_open")
+            }
 
         assert await reason() == {"primary_error": 1, "circuit_open": 0}
         assert await reason() == {"primary_error": 2, "circuit_open": 0}  # opens the breaker
@@ -313,7 +316,8 @@ def test_reload_quality_gate(engines, varied_model, tmp_path):
         text = (await client.get("/metrics")).text
         assert metric(text, "reefcap_reloads_total", result="rejected") == 2
         assert metric(text, "reefcap_caption_quality_score", model="better", metric="CIDEr") == 0.6
-        assert metric(text, "reefcap_caption_quality_score", model="varied-m", metric="CIDEr") == 0
+        # The replaced primary's manifest scores are withdrawn (its series removed), not left at their last value.
+        assert metric_or_zero(text, "reefcap_caption_quality_score", model="varied-m", metric="CIDEr") == 0
 
     serve(s, pool, scenario)
 
@@ -361,13 +365,13 @@ def test_new_version_in_the_model_folder_is_hot_reloaded(varied_model, tmp_path)
         (folder / "manifest.json").write_text(json.dumps({"metrics": {"underwater": {"CIDEr": 0.4}}}))  # worse
         for _ in range(100):
             await asyncio.sleep(0.1)
-            if metric((await client.get("/metrics")).text, "reefcap_reloads_total", result="rejected") == 1:
+            if metric_or_zero((await client.get("/metrics")).text, "reefcap_reloads_total", result="rejected") == 1:
                 break
         (folder / "manifest.json").write_text(json.dumps({"metrics": {"underwater": {"CIDEr": 0.6}}}))  # better
         for _ in range(100):
             await asyncio.sleep(0.1)
             text = (await client.get("/metrics")).text
-            if metric(text, "reefcap_reloads_total", result="swapped") == 1:
+            if metric_or_zero(text, "reefcap_reloads_total", result="swapped") == 1:
                 break
         assert metric(text, "reefcap_reloads_total", result="rejected") == 1
         assert metric(text, "reefcap_caption_quality_score", model="watched", metric="CIDEr") == 0.6

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from synthetic_captions import all_captions, make_dataset
+from synthetic_captions import all_captions
 
 from reefcap.cli import main
 from reefcap.models.metrics import coco_metrics, collapse_metrics
@@ -21,16 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("syn"), n=12)
-
-
-@pytest.fixture(scope="module")
-def small_model(synthetic, tmp_path_factory) -> Path:
-    from reefcap.models.factory import TinyConfig, init_tiny
-
-    cfg = TinyConfig(image_size=32, vision_hidden=64, text_hidden=64, vision_layers=2, text_layers=2, vocab_size=300)
-    return init_tiny(tmp_path_factory.mktemp("m") / "m", all_captions(synthetic), cfg)
+def synthetic_size() -> int:
+    return 12  # fewer images than conftest's default: these commands run end to end, some in subprocesses
 
 
 REFS = {
@@ -41,6 +33,7 @@ REFS = {
 }
 
 
+@pytest.mark.heavy  # METEOR runs in Java
 def test_metrics_on_known_predictions():
     perfect = coco_metrics({k: v[0] for k, v in REFS.items()}, REFS)
     assert set(perfect) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
@@ -162,6 +155,7 @@ def _launch(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, **kw)
 
 
+@pytest.mark.heavy  # two processes under accelerate launch
 def test_accelerate_launch_two_cpu_processes(small_model, synthetic, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     out = tmp_path / "ddp"

@@ -8,26 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from synthetic_captions import all_captions, make_dataset
 
 from reefcap.models.errors import ReefcapError
 from reefcap.training.config import GROUPS, TrainConfig, load_recipe, recipe_names
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("syn"), n=16)
-
-
-@pytest.fixture(scope="module")
-def start_model(synthetic, tmp_path_factory) -> Path:
-    from reefcap.models.factory import TinyConfig, init_tiny
-
-    # Smaller than the default tiny so a training step costs milliseconds.
-    cfg = TinyConfig(image_size=32, vision_hidden=64, text_hidden=64, vision_layers=2, text_layers=2, vocab_size=300)
-    return init_tiny(tmp_path_factory.mktemp("start") / "m", all_captions(synthetic), cfg)
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +73,10 @@ def test_recipe_files_extend_and_reject_bad_keys(tmp_path):
 # ---- parameter groups ---------------------------------------------------------------------------
 
 
-def test_parameter_groups_cover_blip_and_respect_weight_tying(start_model):
+def test_parameter_groups_cover_blip_and_respect_weight_tying(small_model):
     from reefcap.training.params import apply_stage, group_of, parameter_groups
 
-    model = _blip(start_model)
+    model = _blip(small_model)
     groups = parameter_groups(model)
     names = {g: [n for n, _ in ps] for g, ps in groups.items()}
     assert sum(len(v) for v in names.values()) == len(list(model.named_parameters()))
@@ -113,14 +98,14 @@ def test_parameter_groups_cover_blip_and_respect_weight_tying(start_model):
 # ---- targets ------------------------------------------------------------------------------------
 
 
-def test_targets_put_bos_first_and_mask_prompt_and_padding(start_model):
+def test_targets_put_bos_first_and_mask_prompt_and_padding(small_model):
     from transformers import BlipProcessor
 
     from reefcap.training.labels import IGNORE, build_targets, preprocess_caption, prompt_length
 
     assert preprocess_caption("A Red, circle!  On the sand.") == "a red circle on the sand"
     assert len(preprocess_caption(" ".join(["fish"] * 50)).split()) == 30
-    tok = BlipProcessor.from_pretrained(start_model, backend="pil").tokenizer
+    tok = BlipProcessor.from_pretrained(small_model, backend="pil").tokenizer
     assert prompt_length(tok) == 4  # [DEC] a picture of
     t = build_targets(tok, ["A red circle.", "a blue square on a dark background"])
     ids, labels, mask = t["input_ids"], t["labels"], t["attention_mask"]
@@ -143,9 +128,9 @@ def _train(start, records, out, recipe="pretrain", val=None, **cfg):
     return Trainer(str(start), rec, TrainConfig(**{**base, **cfg}), out, records, val, progress=False).run()
 
 
-def test_training_loop_learns_and_logs(start_model, records, tmp_path):
+def test_training_loop_learns_and_logs(small_model, records, tmp_path):
     recipe = load_recipe("pretrain").scaled(3 / 40)  # 3 epochs of 8 steps
-    summary = _train(start_model, records, tmp_path / "run", recipe, val=records[:4], eval_every_epochs=3)
+    summary = _train(small_model, records, tmp_path / "run", recipe, val=records[:4], eval_every_epochs=3)
     assert summary["finished"] and summary["steps"] == 24 and summary["best_step"] > 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     train = [e for e in log if e["type"] == "train"]
@@ -164,27 +149,27 @@ def test_training_loop_learns_and_logs(start_model, records, tmp_path):
     assert len(engine.caption([records[0].path])) == 1
 
 
-def test_stage_trains_only_its_groups(start_model, records, tmp_path):
+def test_stage_trains_only_its_groups(small_model, records, tmp_path):
     from reefcap.training.params import group_of
 
     recipe = load_recipe("visual_only").scaled(0.2)
-    _train(start_model, records, tmp_path / "vis", recipe)
-    before = load_file(start_model / "model.safetensors")
+    _train(small_model, records, tmp_path / "vis", recipe)
+    before = load_file(small_model / "model.safetensors")
     after = load_file(tmp_path / "vis" / "last" / "model.safetensors")
     changed = {group_of(k) for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"vision", "coupling"}
 
 
-def test_resume_continues_exactly(start_model, records, tmp_path):
+def test_resume_continues_exactly(small_model, records, tmp_path):
     recipe = load_recipe("damf").scaled(0.25)  # stage 1: 4 steps, stage 2: 6 steps
-    full = _train(start_model, records, tmp_path / "full", recipe, checkpoint_every=1)
+    full = _train(small_model, records, tmp_path / "full", recipe, checkpoint_every=1)
     assert full["finished"] and full["steps"] == 10
-    cut = _train(start_model, records, tmp_path / "cut", recipe, max_steps=6)  # stops inside stage 2
+    cut = _train(small_model, records, tmp_path / "cut", recipe, max_steps=6)  # stops inside stage 2
     assert not cut["finished"] and cut["steps"] == 6
     from reefcap.training.trainer import Trainer
 
     resumed = Trainer(
-        str(start_model),
+        str(small_model),
         recipe,
         TrainConfig(batch_size=4, eval_beams=1, seed=3),
         tmp_path / "cut",
@@ -202,15 +187,15 @@ def test_resume_continues_exactly(start_model, records, tmp_path):
     assert losses["full"] == losses["cut"]
 
 
-def test_preservation_mixes_in_air_images(start_model, records, tmp_path):
+def test_preservation_mixes_in_air_images(small_model, records, tmp_path):
     recipe = load_recipe("damf_preserve").scaled(0.2)
     with pytest.raises(ReefcapError, match="preserve"):
-        _train(start_model, records, tmp_path / "none", recipe)
+        _train(small_model, records, tmp_path / "none", recipe)
     from reefcap.training.trainer import Trainer
 
     out = tmp_path / "keep"
     Trainer(
-        str(start_model), recipe, TrainConfig(batch_size=4, seed=1), out, records[:8], None, records[8:], progress=False
+        str(small_model), recipe, TrainConfig(batch_size=4, seed=1), out, records[:8], None, records[8:], progress=False
     ).run()
     train = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"train"' in x]
     assert all("distill" in e and "l2" in e for e in train)

@@ -18,6 +18,7 @@ from PIL import Image
 from reefcap.models.errors import ReefcapError
 
 from .augment import TrainTransform
+from .images import load_training_image
 from .labels import build_targets
 
 
@@ -44,9 +45,7 @@ class ImageCache:
     def get(self, path: Path) -> Image.Image:
         img = self.images.get(path)
         if img is None:
-            with Image.open(path) as f:
-                img = f.convert("RGB")
-            self.images[path] = img
+            img = self.images[path] = load_training_image(path)
         return img
 
 

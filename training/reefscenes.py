@@ -179,14 +179,15 @@ def generate(out, config: ReefScenesConfig, progress: bool = True, force: bool =
 
 
 def _wet_one(job: tuple) -> tuple[int, dict]:
+    from .images import load_training_image
     from .optics import underwater
 
     index, src, dst, seed, water_type, max_side = job
-    with Image.open(src) as im:
-        im = im.convert("RGB")
-        if max_side and max(im.size) > max_side:
-            im.thumbnail((max_side, max_side), Image.LANCZOS)
-        arr = np.asarray(im)
+    # The wet copy is training data: decode the in-air photo as training and serving do (upright, alpha on white).
+    im = load_training_image(Path(src))
+    if max_side and max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.LANCZOS)
+    arr = np.asarray(im)
     image, params = underwater(
         arr, rng=scene_rng(seed, index, STREAM_RENDER), water_type=water_type, jpeg=False, return_params=True
     )
