@@ -280,8 +280,8 @@ def training(plan: Plan, deadline: float) -> dict[str, Any]:
 def _train_stage(plan: Plan, deadline: float, trainer, model, batches, stats, state, si: int) -> dict[str, Any]:
     import torch
 
-    from .params import apply_stage, optimizer_groups
-    from .trainer import CaptionObjective, schedule
+    from .params import apply_stage, optimizer_groups, schedule
+    from .trainer import CaptionObjective
 
     stage = trainer.recipe.stages[si]
     # As Trainer.run sets up each stage: freeze to the stage's groups, fresh AdamW + schedule, prepare.

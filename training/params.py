@@ -1,4 +1,4 @@
-"""BLIP parameter groups (names per blip-facts.md) and per-stage freezing.
+"""BLIP parameter groups (names per blip-facts.md), per-stage freezing and the per-stage lr schedule.
 
 | group    | parameters                                                    |
 |----------|---------------------------------------------------------------|
@@ -14,13 +14,14 @@ when either group is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 
 from reefcap.models.errors import ReefcapError
 
-from .config import GROUPS
+from .config import GROUPS, StageConfig
 
 
 def group_of(name: str) -> str:
@@ -76,3 +77,23 @@ def optimizer_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> 
         {"params": decay, "lr": lr, "weight_decay": weight_decay},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0},
     ]
+
+
+def schedule(stage: StageConfig, total: int):
+    """lr multiplier per step: linear warmup, then cosine / linear decay to 0, or constant.
+
+    Not ``transformers.get_scheduler``: its warmup starts at lr 0 and its linear decay rounds differently.
+    """
+    warm = int(round(stage.warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        if stage.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if stage.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return factor

@@ -32,7 +32,7 @@ from .config import Recipe, StageConfig, TrainConfig, save_configs
 from .data import AirImages, CaptionBatches
 from .evaluation import evaluate, selection_score
 from .gradstats import GradStats
-from .params import apply_stage, optimizer_groups
+from .params import apply_stage, optimizer_groups, schedule
 
 STATE_FILE = "state.json"
 
@@ -48,26 +48,6 @@ class TrainState:
     best_step: int = -1
     finished: bool = False
     evals: list[dict[str, Any]] = field(default_factory=list)
-
-
-def schedule(stage: StageConfig, total: int):
-    """lr multiplier per step: linear warmup, then cosine / linear decay to 0, or constant.
-
-    Not ``transformers.get_scheduler``: its warmup starts at lr 0 and its linear decay rounds differently.
-    """
-    warm = int(round(stage.warmup * total))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        if stage.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if stage.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return factor
 
 
 class CaptionObjective(torch.nn.Module):
