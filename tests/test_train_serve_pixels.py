@@ -95,7 +95,7 @@ def test_the_inputs_are_ones_a_bare_convert_gets_wrong(images):
 
 def test_underwater_copies_of_a_dataset_are_rendered_upright(images, tmp_path):
     """`reefcap data underwater` wets the photo as training will read it: the EXIF-rotated one turned upright."""
-    from reefcap.training.datasets import CaptionRecord
+    from reefcap.models.records import CaptionRecord
     from reefcap.training.reefscenes import wet_dataset
 
     record = CaptionRecord(1, images["exif_jpeg"], ("a gradient",))
