@@ -132,12 +132,27 @@ def _parse(response: httpx.Response) -> CaptionResult:
 
 
 class _Base:
-    def __init__(self, base_url: str, api_key: str | None, timeout: float, retry: RetryPolicy | None) -> None:
+    """What the blocking and asyncio clients share: settings, the httpx client, the retry decision. Only the
+    loops that wait differ (``time.sleep`` or ``await asyncio.sleep``)."""
+
+    _client_class: type[httpx.Client] | type[httpx.AsyncClient]
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         key = api_key if api_key is not None else os.environ.get("REEFCAP_API_KEY")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self._http = self._client_class(
+            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+        )
 
     def _wait_before_retry(self, attempt: int, outcome: httpx.Response | Exception) -> float | None:
         """Seconds to wait before trying again, or None when ``outcome`` is final (a failure is re-raised)."""
@@ -152,16 +167,8 @@ class _Base:
 class ReefcapClient(_Base):
     """Blocking client. ``caption_many`` runs up to ``concurrency`` requests at once on threads."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        retry: RetryPolicy | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(base_url, api_key, timeout, retry)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport)
+    _client_class = httpx.Client
+    _http: httpx.Client
 
     def _post(self, path: str, **kwargs: Any) -> httpx.Response:
         attempt = 0
@@ -216,18 +223,8 @@ class ReefcapClient(_Base):
 class AsyncReefcapClient(_Base):
     """asyncio client with the same behaviour as :class:`ReefcapClient`."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        super().__init__(base_url, api_key, timeout, retry)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
-        )
+    _client_class = httpx.AsyncClient
+    _http: httpx.AsyncClient
 
     async def _post(self, path: str, **kwargs: Any) -> httpx.Response:
         attempt = 0
