@@ -84,3 +84,23 @@ def test_collapsed_primary_gets_its_degenerate_captions_replaced(folder, tiny_mo
     for r in lines(result):
         assert r["fallback"] == {"used": False, "reason": None} and "coral coral coral" in r["caption"]
 
+
+def test_eval_measures_the_model_unless_asked_for_the_served_policy(tiny_model, varied_model, tmp_path):
+    from synthetic_captions import make_dataset
+
+    data = make_dataset(tmp_path / "syn", n=4)
+    collapsed = collapsed_model(tiny_model, tmp_path / "collapsed")
+
+    def evaluate(*extra: str) -> dict:
+        out = tmp_path / f"eval{len(extra)}.json"
+        cmd = ["eval", "--model", str(collapsed), "--data", str(data), "--out", str(out), "--beams", "1"]
+        cmd += ["--no-meteor", "--no-progress", "--device", "cpu", *extra]
+        result = subprocess.run([sys.executable, "-m", "reefcap.cli", *cmd], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return json.loads(out.read_text())
+
+    alone = evaluate()  # default --fallback none: the collapse is what is measured
+    assert alone["fallback"] is None and alone["metrics"]["repetition_rate"] == 1.0
+    served = evaluate("--fallback", str(varied_model))
+    assert served["fallback"] == {"model": str(varied_model), "images": {"degenerate_repetition": 4}}
+    assert served["metrics"]["repetition_rate"] < 1.0
