@@ -1,8 +1,10 @@
-"""Offline batch captioning: the same CaptionEngine the server uses, driven over a list of inputs.
+"""Offline batch captioning: the same engines and captioning policy the server uses (primary, fallback,
+degenerate-caption replacement, circuit breaker: :mod:`reefcap.models.policy`), driven over a list of inputs.
 
-Each input yields one record, in input order: ``{"image", "caption", "model", "confidence"}`` or, for an
-input that cannot be decoded, ``{"image", "error", "code"}``. A bad image never stops the run. Images are
-decoded on a thread pool one batch ahead, so decoding overlaps the model's work on the previous batch.
+Each input yields one record, in input order: ``{"image", "caption", "model", "confidence", "fallback"}``
+(``fallback`` is the server's ``{"used", "reason"}``) or, for an input that cannot be decoded,
+``{"image", "error", "code"}``. A bad image never stops the run. Images are decoded on a thread pool one
+batch ahead, so decoding overlaps the model's work on the previous batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from reefcap.models.engine import CaptionEngine, DecodeOptions, require_positive
 from reefcap.models.errors import ImageError
+from reefcap.models.policy import CaptionPolicy, Served, as_policy
 
 
 def default_workers() -> int:
@@ -27,8 +30,15 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def caption_record(name: str, caption: Any) -> dict[str, Any]:
-    return {"image": name, "caption": caption.caption, "model": caption.model, "confidence": caption.confidence}
+def caption_record(name: str, served: Served) -> dict[str, Any]:
+    c = served.caption
+    return {
+        "image": name,
+        "caption": c.caption,
+        "model": c.model,
+        "confidence": c.confidence,
+        "fallback": served.fallback,
+    }
 
 
 def error_record(name: str, exc: ImageError) -> dict[str, Any]:
@@ -36,29 +46,33 @@ def error_record(name: str, exc: ImageError) -> dict[str, Any]:
 
 
 class BatchCaptioner:
-    """Caption many images with one engine, ``batch_size`` at a time, decoding on ``workers`` threads."""
+    """Caption many images, ``batch_size`` at a time, decoding on ``workers`` threads.
+
+    ``engine`` is a :class:`CaptionPolicy` (what ``reefcap caption`` builds) or a bare engine (a policy with
+    no fallback).
+    """
 
     def __init__(
         self,
-        engine: CaptionEngine,
+        engine: CaptionEngine | CaptionPolicy,
         batch_size: int = 16,
         options: DecodeOptions | None = None,
         workers: int | None = None,
     ) -> None:
-        self.engine = engine
+        self.policy = as_policy(engine)
         self.batch_size = require_positive("batch_size", batch_size)
         self.options = (options or DecodeOptions()).validate()
         self.workers = default_workers() if workers is None else require_positive("workers", workers)
 
     def _decode(self, name: str) -> Any:
         try:
-            return self.engine.decode(name)
+            return self.policy.decode(name)
         except ImageError as exc:
             return exc
 
     def _caption(self, names: list[str], decoded: list[Any]) -> list[dict[str, Any]]:
         good = [(n, im) for n, im in zip(names, decoded, strict=True) if not isinstance(im, ImageError)]
-        captions = iter(self.engine.caption([im for _, im in good], self.options) if good else [])
+        captions = iter(self.policy.caption([im for _, im in good], self.options) if good else [])
         return [
             error_record(n, im) if isinstance(im, ImageError) else caption_record(n, next(captions))
             for n, im in zip(names, decoded, strict=True)

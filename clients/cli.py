@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ def _checked(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _source(args: argparse.Namespace, options: Any, config: Any):
     """The batch producer for the chosen mode: a function from image names to lists of records."""
+    from reefcap.models.policy import fallback_name
+
+    fallback = fallback_name(args.fallback)
     if args.server:
         from .http import ReefcapClient, run_on_server
 
@@ -50,14 +54,16 @@ def _source(args: argparse.Namespace, options: Any, config: Any):
 
         address = None if args.ray == "local" else args.ray
         return lambda names: run_on_ray(
-            names, args.model, args.backend, address, args.batch_size, options, args.dtype, args.ray_cpus
+            names, args.model, args.backend, address, args.batch_size, options, args.dtype, args.ray_cpus, fallback
         )
     from reefcap.models.backends import load_engine
+    from reefcap.models.policy import open_policy
 
     from .batch import BatchCaptioner
 
-    engine = load_engine(args.model, backend=args.backend, config=config)
-    return BatchCaptioner(engine, args.batch_size, options, args.workers).run_batches
+    # The server's policy, offline: no primary timeout (a slow machine is not a failing model).
+    policy = open_policy(args.model, fallback, lambda m: load_engine(m, backend=args.backend, config=config))
+    return BatchCaptioner(policy, args.batch_size, options, args.workers).run_batches
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -73,6 +79,7 @@ def _caption(args: argparse.Namespace) -> int:
     run = _source(args, options, config)
 
     counts = {"captioned": 0, "failed": 0}
+    fallbacks: Counter[str] = Counter()  # images the fallback answered, by reason (every mode's lines say)
     start = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", disable=args.quiet or None, file=sys.stderr, dynamic_ncols=True)
     try:
@@ -85,6 +92,7 @@ def _caption(args: argparse.Namespace) -> int:
             failed = sum("error" in r for r in records)
             counts["failed"] += failed
             counts["captioned"] += len(records) - failed
+            fallbacks.update(r["fallback"]["reason"] for r in records if (r.get("fallback") or {}).get("used"))
             bar.update(len(records))
     finally:
         bar.close()
@@ -93,6 +101,7 @@ def _caption(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - start
     summary = {
         **counts,
+        "fallbacks": dict(fallbacks),
         "skipped": len(inputs) - len(todo),
         "seconds": round(elapsed, 3),
         "images_per_second": round(len(todo) / elapsed, 3) if elapsed > 0 and todo else 0.0,
@@ -113,6 +122,8 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from reefcap.models.policy import DEFAULT_FALLBACK
+
     p = sub.add_parser(
         "caption",
         help="caption images, printing one JSON line per image",
@@ -131,6 +142,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ray", nargs="?", const="local", metavar="ADDRESS", help="run on Ray (a local instance if no address)"
     )
     p.add_argument("--model", default="reefscenes-tiny-damf", help="bundled name, local HF directory or hub id")
+    p.add_argument(
+        "--fallback",
+        default=DEFAULT_FALLBACK,
+        metavar="NAME|none",
+        help="model that answers when the primary fails or collapses, as the server's does "
+        f"(default: {DEFAULT_FALLBACK}; 'none' turns it off). Each line's 'fallback' says whether it answered "
+        "and why. Ignored with --server (the server uses its own)",
+    )
     p.add_argument("--backend", default="torch", help="caption engine backend: torch or onnx (default: torch)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: up to 4)")

@@ -297,6 +297,6 @@ def run_on_server(
                     "caption": answer.caption,
                     "model": answer.model,
                     "confidence": answer.confidence,
-                    "fallback": answer.fallback_reason,
+                    "fallback": {"used": answer.fallback, "reason": answer.fallback_reason},  # as in local mode
                 }
         yield [records[name] for name in chunk]

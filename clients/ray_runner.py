@@ -1,6 +1,7 @@
 """Scale-out: the same BatchCaptioner in a Ray Data actor pool (one actor per GPU, or per CPU slot).
 
-Each actor loads the engine once and captions whole batches; records come back as JSON strings so any
+Each actor loads the engines once (primary and fallback, behind the same captioning policy as local mode
+and the server) and captions whole batches; records come back as JSON strings so any
 record shape (caption or error) crosses Ray's Arrow blocks unchanged.
 """
 
@@ -18,17 +19,21 @@ from reefcap.models.errors import ReefcapError
 class CaptionActor:
     """A Ray Data callable class: holds one engine, captions one batch of image paths per call."""
 
-    def __init__(self, model: str, backend: str, device: str, dtype: str, options: dict, threads: int) -> None:
+    def __init__(
+        self, model: str, backend: str, device: str, dtype: str, options: dict, threads: int, fallback: str | None
+    ) -> None:
         import torch
 
         from reefcap.models.backends import load_engine
         from reefcap.models.engine import EngineConfig
+        from reefcap.models.policy import open_policy
 
         from .batch import BatchCaptioner
 
         torch.set_num_threads(max(1, threads))  # each actor owns its CPU slots; do not oversubscribe
-        engine = load_engine(model, backend=backend, config=EngineConfig(device=device, dtype=dtype))
-        self.captioner = BatchCaptioner(engine, batch_size=1 << 30, options=DecodeOptions(**options), workers=threads)
+        config = EngineConfig(device=device, dtype=dtype)
+        policy = open_policy(model, fallback, lambda m: load_engine(m, backend=backend, config=config))
+        self.captioner = BatchCaptioner(policy, batch_size=1 << 30, options=DecodeOptions(**options), workers=threads)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         names = [str(n) for n in batch["image"]]
@@ -44,8 +49,11 @@ def run_on_ray(
     options: DecodeOptions | None = None,
     dtype: str = "fp32",
     num_cpus: int | None = None,
+    fallback: str | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Caption ``names`` on a Ray cluster (``address``) or a local instance; yield records per batch.
+
+    ``fallback``: the model that answers where the primary fails or collapses (None: no fallback).
 
     Batches arrive as actors finish them, not in input order; every input appears exactly once.
     """
@@ -83,6 +91,7 @@ def run_on_ray(
             dtype=dtype,
             options=asdict(options or DecodeOptions()),
             threads=per_actor,
+            fallback=fallback,
         )
         ds = ray.data.from_items([{"image": n} for n in names])
         ds = ds.map_batches(

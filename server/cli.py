@@ -31,20 +31,23 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from reefcap.models.errors import ReefcapError
+    from reefcap.models.policy import fallback_name
 
-    from .app import build_pool, create_app
+    from .app import create_app
     from .metrics import Metrics
+    from .pool import build_pool
     from .settings import ServerSettings
 
     overrides = {field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field) is not None}
-    if str(overrides.get("fallback", "")).lower() == "none":
-        overrides["fallback"] = None
+    if "fallback" in overrides:
+        overrides["fallback"] = fallback_name(overrides["fallback"])
     try:
         settings = ServerSettings(**overrides)
     except Exception as exc:  # pydantic ValidationError: name the bad setting on one line
         raise ReefcapError(f"invalid settings: {' '.join(str(exc).split())}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Load before binding the port: with no model at all the command fails at once with one line.
+    # The app reports to these same metrics (create_app takes them from the pool).
     pool = build_pool(settings, Metrics(), log_if_any=True)
     if not pool.ready:
         fallback = f"fallback {settings.fallback!r} ({pool.fallback_error})" if settings.fallback else "no fallback"

@@ -145,10 +145,9 @@ def _status_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
     if isinstance(exc, (ModelLoadError, ModelNotFoundError)):
         return 503, "model_unavailable", retry
     if isinstance(exc, ReefcapError):
-        # invalid_options: decoding options out of range (InvalidOptionsError), a 422 as before it had a type.
+        # invalid_options: decoding options out of range (InvalidOptionsError), a 422.
         return {"quality_gate": 409, "invalid_options": 422}.get(exc.code, 400), exc.code, {}
-    if isinstance(exc, ValueError):  # any other out-of-range value
-        return 422, "invalid_options", {}
+    # Anything else, a bare ValueError included, is a bug of ours, not the client's request: 500.
     return 500, "internal_error", {}
 
 
@@ -179,7 +178,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         return error_response(status, code, str(exc), headers)
 
     # Known error families go to ExceptionMiddleware (answered, not re-raised); Exception is the last resort.
-    for family in (ReefcapError, BatcherError, ValueError, Exception):
+    for family in (ReefcapError, BatcherError, Exception):
         app.add_exception_handler(family, _any)
 
 

@@ -15,7 +15,13 @@ class Metrics:
     """The server's instruments; components get this object and touch only what they own."""
 
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self._traffic(self.registry)
+        self._models(self.registry)
+        self._captions(self.registry)
+
+    def _traffic(self, r: CollectorRegistry) -> None:
+        """Requests, the queue, batches and images dropped before inference (the gateway and the batcher)."""
         self.requests = Counter(
             "reefcap_http_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
         )
@@ -33,6 +39,15 @@ class Metrics:
         self.batch_size = Histogram(
             "reefcap_batch_size_images", "Images per inference batch", buckets=BATCH_BUCKETS, registry=r
         )
+        self.dropped = Counter(
+            "reefcap_dropped_images_total",
+            "Images refused or dropped before inference, by reason (queue_full, deadline, disconnected)",
+            ["reason"],
+            registry=r,
+        )
+
+    def _models(self, r: CollectorRegistry) -> None:
+        """The models: inference time, fallbacks, breaker, loaded models and reloads (the pool and reloader)."""
         self.inference_seconds = Histogram(
             "reefcap_inference_duration_seconds",
             "Inference time per batch by model and role",
@@ -40,17 +55,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.images = Counter("reefcap_images_captioned_total", "Images captioned by model", ["model"], registry=r)
-        self.dropped = Counter(
-            "reefcap_dropped_images_total",
-            "Images refused or dropped before inference, by reason (queue_full, deadline, disconnected)",
-            ["reason"],
-            registry=r,
-        )
         self.fallbacks = Counter(
             "reefcap_fallbacks_total", "Images answered by the fallback model, by reason", ["reason"], registry=r
         )
         self.breaker_open = Gauge("reefcap_circuit_open", "1 while the primary's circuit breaker is open", registry=r)
+        self.model_info = Gauge(
+            "reefcap_model_info", "Loaded models (value 1)", ["role", "name", "version", "backend"], registry=r
+        )
+        self.reloads = Counter("reefcap_reloads_total", "Hot reload attempts by result", ["result"], registry=r)
+
+    def _captions(self, r: CollectorRegistry) -> None:
+        """What was served: images, their quality, caption length, confidence and quality scores (the service)."""
+        self.images = Counter("reefcap_images_captioned_total", "Images captioned by model", ["model"], registry=r)
         self.caption_words = Histogram(
             "reefcap_caption_length_words",
             "Words per served caption",
@@ -78,8 +94,4 @@ class Metrics:
             ["model", "metric", "source", "split"],
             registry=r,
         )
-        self.model_info = Gauge(
-            "reefcap_model_info", "Loaded models (value 1)", ["role", "name", "version", "backend"], registry=r
-        )
-        self.reloads = Counter("reefcap_reloads_total", "Hot reload attempts by result", ["result"], registry=r)
         self.feedback = Counter("reefcap_feedback_references_total", "Reference captions received", registry=r)

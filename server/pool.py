@@ -1,14 +1,10 @@
-"""The primary model, its fallback and the policy between them.
+"""The server's side of the captioning policy: loading the models, their manifests, and metrics.
 
-- primary missing or corrupt at start: the fallback serves alone (``/readyz`` says so);
-- primary raises or overruns ``primary_timeout_s``: the whole batch is retried on the fallback;
-- a degenerate primary caption (empty, or looping repetition: DAMF's decoding collapse, as
-  :func:`reefcap.models.metrics.degenerate_reason` defines it): the fallback's caption for that image;
-- ``breaker_failures`` consecutive primary failures open a circuit breaker: the primary is skipped for
-  ``breaker_reset_s``, then tried again on one batch.
-
-Every fallback is counted by reason. Each engine runs on its own single thread, so an overrunning primary
-can finish in the background while the fallback answers.
+The policy itself (primary, fallback, degenerate-caption replacement, circuit breaker, reasons) is the
+library's :class:`~reefcap.models.policy.CaptionPolicy`, the same object ``reefcap caption`` and ``reefcap
+eval`` use. :class:`ModelPool` is a thin adapter: it runs the policy's synchronous ``caption`` on a thread of
+its own (one batch at a time, as the batcher hands them over), keeps each model's manifest for ``/v1/models``
+and ``/readyz``, and turns the policy's reports into Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -16,20 +12,33 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
-import time
+import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from reefcap.models.backends import BACKENDS, engine_class, load_engine
-from reefcap.models.engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
-from reefcap.models.errors import ModelLoadError, ReefcapError
-from reefcap.models.metrics import degenerate_reason
+from reefcap.models.engine import CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
+from reefcap.models.errors import ReefcapError
+from reefcap.models.policy import CaptionPolicy, CircuitBreaker, PolicyObserver, Served, load_models
 from reefcap.models.registry import resolve_model
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .settings import ServerSettings
+
+__all__ = [
+    "ModelPool",
+    "Served",
+    "build_pool",
+    "checkpoint_manifest",
+    "engine_config",
+    "evaluation_manifest",
+    "load_model",
+]
 
 log = logging.getLogger("reefcap.server")
 MANIFEST = "manifest.json"
@@ -89,59 +98,73 @@ def evaluation_manifest(engine: CaptionEngine) -> dict[str, Any]:
     return data
 
 
-@dataclass(frozen=True)
-class Served:
-    """One image's answer: the caption, who gave it and, if the fallback did, why."""
+@dataclass
+class Model:
+    """A loaded engine in its role, with what ``describe`` says of it and its checkpoint's manifest."""
 
-    caption: Caption
-    info: EngineInfo
-    fallback_reason: str | None = None
+    engine: CaptionEngine
+    role: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.info: EngineInfo = self.engine.describe()
+        self.manifest = self.manifest or evaluation_manifest(self.engine)
 
 
-class _Slot:
-    """A loaded engine with its own inference thread."""
+class MetricsObserver(PolicyObserver):
+    """The policy's reports as Prometheus metrics (none until the pool is given its :class:`Metrics`)."""
 
-    def __init__(self, engine: CaptionEngine, role: str, manifest: dict[str, Any] | None = None) -> None:
-        self.engine = engine
-        self.role = role
-        self.info = engine.describe()
-        self.manifest = manifest if manifest else evaluation_manifest(engine)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reefcap-{role}")
-        self.busy = 0  # batches submitted and not finished (an overrun keeps this above zero)
-        self.busy_lock = threading.Lock()  # busy changes on the event loop and on the engine's thread
+    def __init__(self) -> None:
+        self.metrics: Metrics | None = None
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=False)
+    def fallback(self, reason: str, images: int) -> None:
+        if self.metrics is not None:
+            self.metrics.fallbacks.labels(reason=reason).inc(images)
+
+    def inference(self, role: str, info: EngineInfo, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.inference_seconds.labels(info.name, role).observe(seconds)
+
+    def breaker(self, is_open: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.breaker_open.set(1 if is_open else 0)
 
 
 class ModelPool:
-    """Primary + fallback engines and the fallback policy; ``caption_batch`` is the batcher's runner."""
+    """Primary + fallback behind the library's :class:`CaptionPolicy`; ``caption_batch`` is the batcher's runner."""
 
     def __init__(
         self,
         primary: CaptionEngine | None,
         fallback: CaptionEngine | None,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
         primary_timeout_s: float = 20.0,
         breaker_failures: int = 5,
         breaker_reset_s: float = 30.0,
         primary_error: str | None = None,
         manifests: tuple[dict | None, dict | None] = (None, None),
+        fallback_error: str | None = None,
     ) -> None:
         """``manifests``: the checkpoints' manifest.json for primary and fallback, when the caller resolved them
-        (an engine's own folder may be an export cache); otherwise each engine's folder is read."""
-        self.metrics = metrics
-        self.primary = _Slot(primary, "primary", manifests[0]) if primary else None
-        self.fallback = _Slot(fallback, "fallback", manifests[1]) if fallback else None
-        self.primary_error = primary_error  # why the primary is not loaded, for /readyz
-        self.fallback_error: str | None = None
-        self.primary_timeout_s = primary_timeout_s
-        self.breaker_failures = breaker_failures
-        self.breaker_reset_s = breaker_reset_s
-        self._failures = 0
-        self._open_until = 0.0
-        self._lock = threading.Lock()
-        self._publish_info()
+        (an engine's own folder may be an export cache); otherwise each engine's folder is read.
+        ``primary_error`` / ``fallback_error``: why a model is not loaded, for ``/readyz``."""
+        self.primary = Model(primary, "primary", manifests[0] or {}) if primary else None
+        self.fallback = Model(fallback, "fallback", manifests[1] or {}) if fallback else None
+        self.primary_error, self.fallback_error = primary_error, fallback_error
+        self._observer = MetricsObserver()
+        self.policy = CaptionPolicy(
+            primary,
+            fallback,
+            primary_timeout_s=primary_timeout_s,
+            breaker=CircuitBreaker(breaker_failures, breaker_reset_s),
+            observer=self._observer,
+        )
+        # The policy blocks (it waits for the primary with a timeout): it runs here, off the event loop.
+        self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="reefcap-policy")
+        self._manifest_labels: list[tuple[str, ...]] = []
+        self.metrics: Metrics | None = None
+        if metrics is not None:
+            self.attach_metrics(metrics)
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -151,7 +174,7 @@ class ModelPool:
 
     @property
     def circuit_open(self) -> bool:
-        return time.monotonic() < self._open_until
+        return self.policy.circuit_open
 
     def status(self) -> dict[str, Any]:
         serving = "primary" if self.primary else ("fallback" if self.fallback else "none")
@@ -167,36 +190,40 @@ class ModelPool:
 
     def models(self) -> list[dict[str, Any]]:
         out = []
-        for slot in (self.primary, self.fallback):
-            if slot:
-                out.append({"role": slot.role, **slot.info.to_dict(), "metrics": slot.manifest.get("metrics", {})})
+        for m in (self.primary, self.fallback):
+            if m:
+                out.append({"role": m.role, **m.info.to_dict(), "metrics": m.manifest.get("metrics", {})})
         return out
 
     def swap_primary(self, engine: CaptionEngine, manifest: dict[str, Any] | None = None) -> None:
         """Make ``engine`` the primary. Batches already running finish on the old one."""
-        new = _Slot(engine, "primary", manifest)
-        with self._lock:
-            old, self.primary = self.primary, new
-            self.primary_error = None
-            self._failures, self._open_until = 0, 0.0
-        if old is not None:
-            old.close()  # its thread ends after any batch it is running
-        self._publish_info()
+        self.primary = Model(engine, "primary", manifest or {})
+        self.primary_error = None
+        self.policy.swap_primary(engine)
+        self.publish_info()
 
-    def _publish_info(self) -> None:
+    # ---- metrics ------------------------------------------------------------------------------
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        """Report to ``metrics`` from now on, starting with the loaded models and their manifest scores."""
+        self.metrics = self._observer.metrics = metrics
+        self.publish_info()
+
+    def publish_info(self) -> None:
+        """Set the model-info and manifest-quality gauges and the breaker gauge from the current state."""
         if self.metrics is None:
             return
         self.metrics.model_info.clear()
         # Only the manifest gauges are replaced; rolling feedback scores stay.
-        for labels in getattr(self, "_manifest_labels", []):
+        for labels in self._manifest_labels:
             self.metrics.quality.remove(*labels)
         self._manifest_labels = []
         self.metrics.breaker_open.set(1 if self.circuit_open else 0)
-        for slot in (self.primary, self.fallback):
-            if slot:
-                i = slot.info
-                self.metrics.model_info.labels(slot.role, i.name, i.version, i.backend).set(1)
-                for split, values in (slot.manifest.get("metrics") or {}).items():
+        for m in (self.primary, self.fallback):
+            if m:
+                i = m.info
+                self.metrics.model_info.labels(m.role, i.name, i.version, i.backend).set(1)
+                for split, values in (m.manifest.get("metrics") or {}).items():
                     for metric, value in (values or {}).items() if isinstance(values, dict) else ():
                         if isinstance(value, (int, float)):
                             labels = (i.name, metric, "manifest", split)
@@ -205,99 +232,51 @@ class ModelPool:
 
     # ---- inference ----------------------------------------------------------------------------
 
-    async def _run(self, slot: _Slot, images: list[Image.Image], options: DecodeOptions) -> list[Caption]:
-        loop = asyncio.get_running_loop()
-        start = time.perf_counter()
-
-        def work() -> list[Caption]:
-            try:
-                return slot.engine.caption(images, options)
-            finally:
-                with slot.busy_lock:
-                    slot.busy -= 1
-
-        with slot.busy_lock:
-            slot.busy += 1
-        fut = loop.run_in_executor(slot.executor, work)
-        if slot.role == "primary":
-            # shield: on a timeout the primary keeps running in its thread; we stop waiting for it.
-            captions = await asyncio.wait_for(asyncio.shield(fut), self.primary_timeout_s)
-        else:
-            captions = await fut
-        if self.metrics is not None:
-            self.metrics.inference_seconds.labels(slot.info.name, slot.role).observe(time.perf_counter() - start)
-        return captions
-
-    def _primary_failed(self) -> None:
-        with self._lock:
-            self._failures += 1
-            # Half-open: the first batch after the breaker's pause failed too, so it opens again at once.
-            half_open = self._open_until > 0
-            if self._failures >= self.breaker_failures or half_open:
-                self._open_until = time.monotonic() + self.breaker_reset_s
-                self._failures = 0
-                log.warning("primary failed %d times in a row: circuit open", self.breaker_failures)
-        if self.metrics is not None:
-            self.metrics.breaker_open.set(1 if self.circuit_open else 0)
-
-    def _primary_ok(self) -> None:
-        with self._lock:
-            self._failures = 0
-            self._open_until = 0.0  # closed again
-        if self.metrics is not None:
-            self.metrics.breaker_open.set(0)
-
     async def caption_batch(self, images: list[Image.Image], options: DecodeOptions) -> list[Served]:
         """One :class:`Served` per image, in order, from the primary where it can answer."""
-        primary, fallback = self.primary, self.fallback  # one consistent pair even if a reload swaps
-        reason: str | None = None
-        if primary is None:
-            reason = "primary_unavailable"
-        elif self.circuit_open:
-            reason = "circuit_open"
-        elif primary.busy:
-            reason = "primary_busy"  # still running an overrun batch: do not queue behind it
-        else:
-            try:
-                captions = await self._run(primary, images, options)
-            except TimeoutError:
-                reason = "primary_timeout"
-            except Exception as exc:  # any engine failure sends the batch to the fallback
-                log.warning("primary failed on a batch of %d: %s", len(images), exc)
-                reason = "primary_error"
-            if reason is not None:
-                self._primary_failed()
-            else:
-                self._primary_ok()
-                return await self._replace_degenerate(primary, fallback, images, options, captions)
-        if fallback is None:
-            raise ModelLoadError(f"primary cannot answer ({reason}) and no fallback model is loaded")
-        captions = await self._run(fallback, images, options)
-        self._count(reason, len(images))
-        return [Served(c, fallback.info, reason) for c in captions]
-
-    async def _replace_degenerate(
-        self, primary: _Slot, fallback: _Slot | None, images: list[Image.Image], options: DecodeOptions, captions
-    ) -> list[Served]:
-        served = [Served(c, primary.info) for c in captions]
-        bad = [(i, r) for i, c in enumerate(captions) if (r := degenerate_reason(c.caption))]
-        if not bad or fallback is None:
-            return served
-        try:
-            redo = await self._run(fallback, [images[i] for i, _ in bad], options)
-        except Exception as exc:  # keep the primary's caption rather than fail the request
-            log.warning("fallback failed replacing degenerate captions: %s", exc)
-            return served
-        for (i, r), c in zip(bad, redo, strict=True):
-            served[i] = Served(c, fallback.info, f"degenerate_{r}")
-            self._count(f"degenerate_{r}", 1)
-        return served
-
-    def _count(self, reason: str | None, n: int) -> None:
-        if self.metrics is not None and reason:
-            self.metrics.fallbacks.labels(reason=reason).inc(n)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._dispatch, self.policy.caption, images, options)
 
     def close(self) -> None:
-        for slot in (self.primary, self.fallback):
-            if slot:
-                slot.close()
+        self.policy.close()
+        self._dispatch.shutdown(wait=False)
+
+
+def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_any: bool = False) -> ModelPool:
+    """Load primary and fallback; a primary that fails to load leaves the fallback serving alone.
+
+    With ``log_if_any`` load failures are logged only when some model loaded (the caller reports the rest).
+    """
+    set_inference_threads(settings.inference_threads)
+    config = engine_config(settings)
+    loaded = load_models(settings.model, settings.fallback, lambda m: load_model(m, settings.backend, config))
+    if loaded.primary_error and (loaded.fallback or not log_if_any):
+        log.error("primary model %s not loaded: %s", settings.model, loaded.primary_error)
+    if loaded.fallback_error and (loaded.primary or not log_if_any):
+        log.error("fallback model %s not loaded: %s", settings.fallback, loaded.fallback_error)
+    return ModelPool(
+        loaded.primary,
+        loaded.fallback,
+        metrics,
+        primary_timeout_s=settings.primary_timeout_s,
+        breaker_failures=settings.breaker_failures,
+        breaker_reset_s=settings.breaker_reset_s,
+        primary_error=loaded.primary_error,
+        fallback_error=loaded.fallback_error,
+        manifests=(checkpoint_manifest(settings.model), checkpoint_manifest(settings.fallback or "")),
+    )
+
+
+def engine_config(settings: ServerSettings) -> EngineConfig:
+    """How the server loads every model: at start, and on a hot reload."""
+    return EngineConfig(device=settings.device, dtype=settings.dtype, limits=settings.image_limits)
+
+
+def set_inference_threads(threads: int) -> None:
+    """Intra-op threads of PyTorch and (unless REEFCAP_ORT_THREADS says otherwise) of the ONNX backend:
+    ``threads``, or with 0 one per core minus one (at least one)."""
+    import torch
+
+    n = threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(n)
+    os.environ.setdefault("REEFCAP_ORT_THREADS", str(n))  # read by the onnx backend when it loads

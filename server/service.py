@@ -119,7 +119,7 @@ class CaptionService:
                     "index": i,
                     "caption": s.caption.caption,
                     "model": {"name": s.info.name, "version": s.info.version, "backend": s.info.backend},
-                    "fallback": {"used": s.fallback_reason is not None, "reason": s.fallback_reason},
+                    "fallback": s.fallback,
                     "confidence": s.caption.confidence,
                     "tokens": s.caption.tokens,
                     "latency_ms": latency_ms,

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from reefcap.models.engine import check_device
 from reefcap.models.images import DEFAULT_FORMATS, ImageLimits
+from reefcap.models.policy import DEFAULT_BREAKER_FAILURES, DEFAULT_BREAKER_RESET_S, DEFAULT_FALLBACK
 
 
 class ServerSettings(BaseSettings):
@@ -23,7 +24,7 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     model: str = "reefscenes-tiny-damf"
-    fallback: str | None = "reefscenes-tiny"
+    fallback: str | None = DEFAULT_FALLBACK  # `reefcap caption` uses the same one
     backend: str = "auto"  # auto = the fastest registered backend that imports (onnx, else torch)
     device: str = "auto"
     dtype: str = "fp32"
@@ -45,8 +46,8 @@ class ServerSettings(BaseSettings):
     # Fallback policy: a primary batch slower than this is answered by the fallback; after
     # breaker_failures consecutive primary failures the primary is skipped for breaker_reset_s.
     primary_timeout_s: float = Field(20.0, gt=0)
-    breaker_failures: int = Field(5, ge=1)
-    breaker_reset_s: float = Field(30.0, gt=0)
+    breaker_failures: int = Field(DEFAULT_BREAKER_FAILURES, ge=1)
+    breaker_reset_s: float = Field(DEFAULT_BREAKER_RESET_S, gt=0)
 
     # Default decoding: greedy is the fastest and gives the same caption whatever the batch it lands in.
     num_beams: int = Field(1, ge=1, le=16)

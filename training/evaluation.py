@@ -13,6 +13,7 @@ from typing import Any
 from reefcap.models.engine import CaptionEngine, DecodeOptions, require_positive
 from reefcap.models.errors import ReefcapError
 from reefcap.models.metrics import coco_metrics, collapse_metrics
+from reefcap.models.policy import CaptionPolicy, as_policy
 
 
 def selection_score(metrics: Mapping[str, float]) -> float:
@@ -21,27 +22,36 @@ def selection_score(metrics: Mapping[str, float]) -> float:
 
 
 def generate_captions(
-    engine: CaptionEngine, records: Sequence, options: DecodeOptions | None = None, batch_size: int = 32, progress=False
+    engine: CaptionEngine | CaptionPolicy,
+    records: Sequence,
+    options: DecodeOptions | None = None,
+    batch_size: int = 32,
+    progress=False,
 ) -> list[dict[str, Any]]:
-    """One caption per record, in COCO results format (``[{"image_id", "caption"}]``)."""
+    """One caption per record, in COCO results format (``[{"image_id", "caption"}]``).
+
+    ``engine`` is a bare engine (the model alone is measured) or a :class:`CaptionPolicy` (what the server
+    would answer, fallback included; its ``counts`` then say how many images the fallback answered).
+    """
     from tqdm import tqdm
 
     require_positive("batch_size", batch_size)
     options = options or DecodeOptions()
+    policy = as_policy(engine)
     results = []
     bar = tqdm(total=len(records), desc="captioning", unit="img", disable=not progress, leave=False)
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        images = [engine.decode(r.path) for r in chunk]
-        for rec, cap in zip(chunk, engine.caption(images, options), strict=True):
-            results.append({"image_id": rec.image_id, "caption": cap.caption})
+        images = [policy.decode(r.path) for r in chunk]
+        for rec, served in zip(chunk, policy.caption(images, options), strict=True):
+            results.append({"image_id": rec.image_id, "caption": served.caption.caption})
         bar.update(len(chunk))
     bar.close()
     return results
 
 
 def evaluate(
-    engine: CaptionEngine,
+    engine: CaptionEngine | CaptionPolicy,
     records: Sequence,
     options: DecodeOptions | None = None,
     batch_size: int = 32,

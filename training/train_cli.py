@@ -74,6 +74,7 @@ def _decode_options(args: argparse.Namespace):
 def _eval(args: argparse.Namespace) -> int:
     from reefcap.models.backends import load_engine
     from reefcap.models.engine import EngineConfig, require_positive
+    from reefcap.models.policy import fallback_name, open_policy
 
     from .data import load_records
     from .evaluation import evaluate, write_json
@@ -85,17 +86,20 @@ def _eval(args: argparse.Namespace) -> int:
     records = load_records(args.data)
     if args.limit:
         records = records[: args.limit]
-    engine = load_engine(args.model, args.backend, config)
+    fallback = fallback_name(args.fallback)
+    policy = open_policy(args.model, fallback, lambda m: load_engine(m, args.backend, config))
     metrics, predictions = evaluate(
-        engine, records, options, args.batch_size, meteor=not args.no_meteor, progress=not args.no_progress
+        policy, records, options, args.batch_size, meteor=not args.no_meteor, progress=not args.no_progress
     )
-    info = engine.describe()
+    info = (policy.primary or policy.fallback).describe()
     payload = {
         "model": info.name,
         "version": info.version,
         "data": str(args.data),
         "decode": asdict(options),
         "metrics": metrics,
+        # Only with --fallback: which model stood in and for how many images (by reason).
+        "fallback": {"model": fallback, "images": dict(policy.counts)} if fallback else None,
     }
     pred_path = Path(args.predictions) if args.predictions else None
     if args.out:
@@ -181,6 +185,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", required=True, help="test captions")
     ev.add_argument("--out", help="write metrics here (JSON); predictions go beside it in COCO results format")
     ev.add_argument("--predictions", help="where to write the COCO-format predictions")
+    ev.add_argument(
+        "--fallback",
+        default="none",
+        metavar="NAME|none",
+        help="default none: an evaluation measures the model itself, collapses and failures included. NAME "
+        "measures what the server answers instead (the same policy: failures and degenerate captions go to "
+        "NAME; the output counts them)",
+    )
     ev.add_argument("--backend", default="torch")
     ev.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     ev.add_argument("--dtype", default="fp32")
