@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from typing import Any
+from typing import Any, get_type_hints
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from reefcap.models.engine import DecodeOptions
 from reefcap.models.errors import ModelLoadError, ModelNotFoundError
 
 from .gateway import ApiError, parse_json
@@ -21,13 +22,18 @@ from .page import PAGE
 router = APIRouter()
 
 
-class Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    num_beams: int | None = None
-    max_length: int | None = None
-    min_length: int | None = None
-    repetition_penalty: float | None = None
-    prompt: str | None = Field(None, max_length=200)
+def _options_model() -> type[BaseModel]:
+    """A request's decoding overrides: every :class:`DecodeOptions` field, each optional (unset keeps the server's
+    default). Built from the dataclass so a decoding option is declared once; ``DecodeOptions.validate`` checks
+    the ranges. Only the prompt gets a bound of its own here, on the size of what a client may send."""
+    bounds = {"prompt": {"max_length": 200}}
+    fields = {
+        name: (hint | None, Field(None, **bounds.get(name, {}))) for name, hint in get_type_hints(DecodeOptions).items()
+    }
+    return create_model("Options", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+Options = _options_model()
 
 
 class ImagePart(BaseModel):
