@@ -229,26 +229,27 @@ def degenerate_reason(text: str) -> str | None:
 
 
 def collapse_metrics(captions: Sequence[str]) -> dict[str, float]:
-    """Indicators of degenerate decoding.
+    """Indicators of degenerate decoding over a set of captions.
 
-    - ``repetition_rate``: share of captions that repeat a word bigram or a word twice in a row.
+    - ``repetition_rate``: share of captions whose :func:`degenerate_reason` is "repetition": the same rule
+      the server and ``reefcap caption`` use to hand a caption to the fallback, so the number an evaluation
+      reports is the share the policy would replace. (An earlier, looser count flagged any repeated bigram or
+      doubled word, which ordinary captions such as "a fish next to a fish" have; it is gone.)
+    - ``empty_or_one_word``: share of captions with at most one word. Empty captions count here, never in
+      ``repetition_rate`` (``degenerate_reason`` calls them "empty").
     - ``distinct_2``: distinct word bigrams / all word bigrams over the set (low = the same phrases everywhere).
-    - ``empty_or_one_word``: share of captions with at most one word.
     - ``unique_captions``: distinct captions / captions.
     """
     n = len(captions)
     if n == 0:
         return dict.fromkeys(COLLAPSE_KEYS, 0.0)
-    repeated = 0
-    bigrams: list[tuple[str, str]] = []
+    repeated = sum(degenerate_reason(cap) == "repetition" for cap in captions)
     short = 0
+    bigrams: list[tuple[str, str]] = []
     for cap in captions:
         words = cap.lower().split()
         short += len(words) <= 1
-        pairs = list(zip(words, words[1:], strict=False))
-        bigrams += pairs
-        if len(set(pairs)) < len(pairs) or any(a == b for a, b in pairs):
-            repeated += 1
+        bigrams += list(zip(words, words[1:], strict=False))
     return {
         "repetition_rate": round(repeated / n, 6),
         "distinct_2": round(len(set(bigrams)) / len(bigrams), 6) if bigrams else 0.0,

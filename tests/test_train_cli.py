@@ -48,9 +48,25 @@ def test_metrics_on_known_predictions():
 
 
 def test_collapse_indicators():
-    m = collapse_metrics(["a fish a fish", "a reef", "", "coral"])
-    assert m == {"repetition_rate": 0.25, "distinct_2": 0.75, "empty_or_one_word": 0.5, "unique_captions": 1.0}
+    m = collapse_metrics(["a fish a fish a fish", "a reef", "", "coral"])
+    assert m == {"repetition_rate": 0.25, "distinct_2": 0.5, "empty_or_one_word": 0.5, "unique_captions": 1.0}
     assert collapse_metrics(["the the the"] * 3)["repetition_rate"] == 1.0
+
+
+def test_repetition_rate_is_the_policys_degenerate_rule():
+    """One definition: a caption counts as repeated exactly when the server's policy would replace it."""
+    from reefcap.models.metrics import degenerate_reason
+
+    ordinary = ["a fish next to a fish", "a fish a fish", "two two fish", "a big big reef"]
+    looping = ["coral coral coral", "a fish a fish a fish", "a a b a a c a a d a a"]
+    assert collapse_metrics(ordinary)["repetition_rate"] == 0.0
+    assert collapse_metrics(looping)["repetition_rate"] == 1.0
+    mixed = ordinary + looping + ["", "reef"]
+    flagged = [c for c in mixed if degenerate_reason(c) == "repetition"]
+    assert collapse_metrics(mixed)["repetition_rate"] == round(len(flagged) / len(mixed), 6) == round(3 / 9, 6)
+    # Empty captions are counted once, as empty_or_one_word, never as repetition.
+    assert collapse_metrics(["", ""]) == {**collapse_metrics(["", ""]), "repetition_rate": 0.0}
+    assert collapse_metrics(["", ""])["empty_or_one_word"] == 1.0
 
 
 def test_eval_cli_writes_metrics_and_coco_predictions(small_model, synthetic, tmp_path, capsys):

@@ -182,6 +182,10 @@ def _markdown(
         "",
         *lines,
         "",
+        "`repetition_rate` is the share of captions the serving policy calls degenerate repetition (a word, pair "
+        "or triple three times in a row, or 8+ words under 40% distinct: `reefcap.models.metrics.degenerate_reason`, "
+        "the captions the fallback would answer); `empty_or_one_word` the share with at most one word.",
+        "",
         f"Measured ordering by underwater CIDEr: {ordering}.",
         "",
         *[f"![{p.stem}]({p.name})" for p in plots],

@@ -111,6 +111,7 @@ class TrainConfig:
     eval_beams: int = 3
     eval_max_images: int | None = None
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke tests)
+    patience: int | None = None  # stop after this many validations in a row without a better validation CIDEr
     checkpoint_every: int = 0  # optimizer steps between resume checkpoints; 0 = at every evaluation
     grad_window: int = 50  # steps over which gradient-norm variance is reported
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -120,6 +121,8 @@ class TrainConfig:
             raise ReefcapError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ReefcapError("batch_size and grad_accum must be >= 1")
+        if self.patience is not None and self.patience < 1:
+            raise ReefcapError(f"patience must be >= 1 validation, got {self.patience}")
         return self
 
 

@@ -24,6 +24,7 @@ def _train_config(args: argparse.Namespace):
         eval_every_epochs=args.eval_every,
         eval_max_images=args.eval_max_images,
         eval_beams=args.eval_beams,
+        patience=args.patience,
         augment=aug,
     )
 
@@ -36,9 +37,11 @@ def _inputs(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_recipe
+    from .finish import finish_run, parse_tests
     from .runs import run_training, scaled_recipe
 
     recipe = scaled_recipe(load_recipe(args.recipe), args.epochs_scale, args.lr_scale)
+    tests = parse_tests(args.test)  # checked before training: a typo must not cost a run
     summary = run_training(
         recipe,
         _train_config(args),
@@ -51,6 +54,10 @@ def _train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        if not args.no_manifest:
+            manifest = finish_run(args.out, recipe, _inputs(args), summary, tests)
+            summary["manifest"] = str(Path(args.out) / "best" / "manifest.json")
+            summary["metrics"] = manifest["metrics"]
         print(json.dumps({k: v for k, v in summary.items() if k != "evals"}))
     return 0
 
@@ -151,6 +158,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=float, default=1.0, help="validate every N epochs (and at stage ends)")
     p.add_argument("--eval-max-images", type=int, help="validate on the first N images only")
     p.add_argument("--eval-beams", type=int, default=3)
+    p.add_argument("--patience", type=int, help="stop after N validations in a row without a better validation CIDEr")
     p.add_argument("--no-augment", action="store_true", help="resize only (no crop, flip, RandAugment)")
     p.add_argument(
         "--underwater-aug",
@@ -178,6 +186,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_run_options(train)
     train.add_argument("--out", required=True, help="run directory: best/, last/, checkpoint/, log.jsonl, tb/")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--test",
+        action="append",
+        metavar="NAME=FILE",
+        help="also score the selected model on this split for its manifest (repeatable, e.g. underwater=test.json)",
+    )
+    train.add_argument(
+        "--no-manifest",
+        action="store_true",
+        help="skip best/manifest.json and the run report (scoring the whole validation split takes a while)",
+    )
     train.set_defaults(handler=_train)
 
     ev = sub.add_parser("eval", help="caption a test set and score it (BLEU, METEOR, ROUGE-L, CIDEr, collapse)")

@@ -48,6 +48,9 @@ class TrainState:
     best_step: int = -1
     finished: bool = False
     evals: list[dict[str, Any]] = field(default_factory=list)
+    best_cider: float = -math.inf  # early stopping watches validation CIDEr alone
+    stale: int = 0  # validations since validation CIDEr last improved
+    stopped_early: bool = False
 
 
 class CaptionObjective(torch.nn.Module):
@@ -170,6 +173,10 @@ class Trainer:
             if score > state.best_score:
                 state.best_score, state.best_step = score, state.global_step
                 self._write_model(model, processor, self.out / "best", state)
+            cider = float(metrics["CIDEr"])
+            state.best_cider, state.stale = (
+                (cider, 0) if cider > state.best_cider else (state.best_cider, state.stale + 1)
+            )
             model.train()
         self.acc.wait_for_everyone()
 
@@ -240,17 +247,8 @@ class Trainer:
             if si != state.stage:
                 state.stage, state.stage_step = si, 0
             counts = apply_stage(model, stage.groups)
-            log(
-                {
-                    "type": "stage",
-                    "step": state.global_step,
-                    "stage": si,
-                    "name": stage.name,
-                    "steps": total,
-                    "steps_per_epoch": steps_per_epoch,
-                    **{f"trainable/{g}": n for g, n in counts.items()},
-                }
-            )
+            entry = {"type": "stage", "step": state.global_step, "stage": si, "name": stage.name, "steps": total}
+            log({**entry, "steps_per_epoch": steps_per_epoch, **{f"trainable/{g}": n for g, n in counts.items()}})
             optimizer, scheduler = self._optimizer(model, stage, total, resuming and state.stage_step > 0)
             resuming = False
             objective = CaptionObjective(model, teacher)
@@ -269,6 +267,8 @@ class Trainer:
                 at_max = cfg.max_steps is not None and state.global_step >= cfg.max_steps and not run_done
                 if state.stage_step % eval_every == 0 or state.stage_step == total or at_max:
                     self._validate(model, processor, state, epoch, log)
+                    state.stopped_early = self._patience_over(state, log) and not run_done
+                    at_max = at_max or state.stopped_early
                     self._save_checkpoint(model, processor, optimizer, scheduler, state)
                 elif cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
                     self._save_checkpoint(model, processor, optimizer, scheduler, state)
@@ -278,7 +278,7 @@ class Trainer:
             if stop:
                 break
         bar.close()
-        state.finished = not stop
+        state.finished = not stop or state.stopped_early
         if state.finished:
             state.stage_step = totals[-1]
         model.eval()
@@ -292,6 +292,16 @@ class Trainer:
             logf.close()
         acc.wait_for_everyone()
         return self._summary(state)
+
+    def _patience_over(self, state: TrainState, log) -> bool:
+        """Whether validation CIDEr has not improved for ``patience`` validations (every process agrees)."""
+        stale = torch.tensor([state.stale], device=self.acc.device)
+        state.stale = int(self.acc.gather(stale).max().item())  # only the main process validates
+        over = self.config.patience is not None and state.stale >= self.config.patience
+        if over:
+            reason = f"validation CIDEr not above {state.best_cider:.4f} for {state.stale} validations"
+            log({"type": "early_stop", "step": state.global_step, "reason": reason})
+        return over
 
     def _optimizer(self, model, stage: StageConfig, total: int, restore: bool):
         """A stage's AdamW and lr schedule; with ``restore``, their state from ``OUT/checkpoint``."""
@@ -385,5 +395,6 @@ class Trainer:
             "finished": state.finished,
             "best_step": state.best_step,
             "best_score": state.best_score if state.best_step >= 0 else None,
+            "stopped_early": state.stopped_early,
             "evals": state.evals,
         }

@@ -14,6 +14,7 @@ from reefcap.models.registry import ZOO_DIR, sha256_file
 
 from .config import TRAIN_CONFIG_FILE
 
+MANIFEST_FILE = "manifest.json"
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -36,9 +37,19 @@ def pack(source: Path, name: str, manifest: dict, zoo: Path = ZOO_DIR) -> Path:
     for fname in MODEL_FILES:
         if (source / fname).is_file():
             shutil.copy(source / fname, dest / fname)
-    files = {p.name: sha256_file(p) for p in sorted(dest.iterdir())}
-    (dest / "manifest.json").write_text(json.dumps({"name": name, **manifest, "files": files}, indent=2) + "\n")
+    write_manifest(dest, {"name": name, **manifest})
     return dest
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """Write ``folder/manifest.json``: ``manifest`` plus the SHA-256 of every file in the folder (the manifest
+    itself and run reports aside), so a copy can be checked and the quality gate can tell these numbers belong
+    to these weights. Returns what was written."""
+    skip = {MANIFEST_FILE}
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in skip}
+    payload = {**manifest, "files": files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
 
 
 def _pack(args: argparse.Namespace) -> int:
