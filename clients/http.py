@@ -56,6 +56,7 @@ class CaptionResult:
     uciqe: float | None
     request_id: str
     raw: dict[str, Any] = field(repr=False, compare=False)
+    index: int = 0  # the image's position in its request: feedback names (request_id, index)
 
     @classmethod
     def from_response(cls, item: dict[str, Any], request_id: str) -> CaptionResult:
@@ -72,6 +73,7 @@ class CaptionResult:
             uciqe=quality.get("uciqe"),
             request_id=request_id,
             raw=item,
+            index=int(item.get("index", 0)),
         )
 
 
@@ -129,6 +131,23 @@ def _parse(response: httpx.Response) -> CaptionResult:
         raise ReefcapHTTPError(response.status_code, code, message, request_id)
     body = response.json()
     return CaptionResult.from_response(body["results"][0], body.get("request_id", request_id))
+
+
+def _feedback_body(request_id: str, index: int, references: str | Sequence[str]) -> dict[str, Any]:
+    refs = [references] if isinstance(references, str) else list(references)
+    if not isinstance(request_id, str) or not request_id:
+        raise ReefcapError(f"feedback needs the request_id of a served caption, got {request_id!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ReefcapError(f"feedback index must be a non-negative integer, got {index!r}")
+    if not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+        raise ReefcapError("feedback needs at least one non-empty reference caption")
+    return {"request_id": request_id, "index": index, "references": refs}
+
+
+def _json_or_raise(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code >= 400:
+        _parse(response)  # raises ReefcapHTTPError with the server's code and message
+    return response.json()
 
 
 class _Base:
@@ -203,12 +222,14 @@ class ReefcapClient(_Base):
         with ThreadPoolExecutor(max(1, concurrency)) as pool:
             return list(pool.map(one, images))
 
+    def feedback(self, request_id: str, index: int, references: str | Sequence[str]) -> dict[str, Any]:
+        """Post reference captions for image ``index`` of a served request (``CaptionResult.request_id``);
+        the server keeps them for ``reefcap feedback export`` and its rolling scores. Returns its answer."""
+        return _json_or_raise(self._post("/v1/feedback", json=_feedback_body(request_id, index, references)))
+
     def get(self, path: str) -> Any:
         """GET a JSON endpoint (``/healthz``, ``/readyz``, ``/v1/models``)."""
-        response = self._http.get(path)
-        if response.status_code >= 400:
-            _parse(response)
-        return response.json()
+        return _json_or_raise(self._http.get(path))
 
     def close(self) -> None:
         self._http.close()
@@ -261,6 +282,10 @@ class AsyncReefcapClient(_Base):
 
         return list(await asyncio.gather(*(one(im) for im in images)))
 
+    async def feedback(self, request_id: str, index: int, references: str | Sequence[str]) -> dict[str, Any]:
+        """Post reference captions for image ``index`` of a served request (see :meth:`ReefcapClient.feedback`)."""
+        return _json_or_raise(await self._post("/v1/feedback", json=_feedback_body(request_id, index, references)))
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -298,5 +323,8 @@ def run_on_server(
                     "model": answer.model,
                     "confidence": answer.confidence,
                     "fallback": {"used": answer.fallback, "reason": answer.fallback_reason},  # as in local mode
+                    # What `reefcap feedback post` needs to attach references to this caption later.
+                    "request_id": answer.request_id,
+                    "index": answer.index,
                 }
         yield [records[name] for name in chunk]

@@ -55,6 +55,17 @@ def assign_splits(keys: Iterable, seed: int = 0, ratios: Sequence[float] = (0.7,
     }
 
 
+def stable_split(key: str, ratios: Sequence[float] = (0.7, 0.15, 0.15)) -> str:
+    """The split of one key on its own, from its hash: unlike :func:`assign_splits` it never changes when
+    other keys come and go, so an image held out once (e.g. the feedback store's test split, which the quality
+    gate scores on) stays held out in every later export. Proportions are the ratios' only on average."""
+    total = sum(ratios)
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or total <= 0:
+        raise DatasetError(f"split ratios must be three non-negative numbers, got {tuple(ratios)}")
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / float(1 << 48)
+    return SPLITS[0] if u < ratios[0] / total else SPLITS[1] if u < (ratios[0] + ratios[1]) / total else SPLITS[2]
+
+
 def split_records(
     records: Sequence[CaptionRecord], seed: int = 0, ratios=(0.7, 0.15, 0.15), respect_existing: bool = True
 ) -> dict[str, list[CaptionRecord]]:

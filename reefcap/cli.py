@@ -23,9 +23,11 @@ COMMAND_MODULES = [
     "reefcap.clients.cli",
     "reefcap.training.cli",
     "reefcap.server.cli",
+    "reefcap.clients.feedback_cli",
     "reefcap.training.train_cli",
 ]
 
+FEEDBACK_HELP = "reference captions for served images: post them to a server, export them for training"
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
@@ -38,6 +40,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """The ACTION subparsers of command ``name`` (created on first use), so that packages can each add actions
+    to one command: ``reefcap feedback export`` (server/) and ``reefcap feedback post`` (clients/)."""
+    groups = sub.__dict__.setdefault("_reefcap_groups", {})
+    if name not in groups:
+        parser = sub.add_parser(name, help=help)
+        groups[name] = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+    return groups[name]
 
 
 def build_parser() -> argparse.ArgumentParser:

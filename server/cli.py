@@ -1,4 +1,4 @@
-"""`reefcap serve` and `reefcap feedback export`."""
+"""`reefcap serve` and `reefcap feedback export` (`reefcap feedback post` is the clients' side)."""
 
 from __future__ import annotations
 
@@ -85,9 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
     serve.set_defaults(handler=_serve)
 
-    feedback = sub.add_parser("feedback", help="reference captions collected by the server")
-    fsub = feedback.add_subparsers(dest="feedback_command", metavar="ACTION", required=True)
-    export = fsub.add_parser("export", help="write feedback as a COCO-captions training set")
-    export.add_argument("--out", required=True, help="directory to write (captions.json + images/)")
+    from reefcap.cli import FEEDBACK_HELP, command_group
+
+    fsub = command_group(sub, "feedback", FEEDBACK_HELP)
+    export = fsub.add_parser("export", help="write feedback as COCO-captions train/val/test sets (split by image)")
+    export.add_argument("--out", required=True, help="directory to write (train/val/test.json, captions.json, images/)")
     export.add_argument("--db", help="feedback database (default: REEFCAP_FEEDBACK_DB or reefcap-feedback.sqlite3)")
     export.set_defaults(handler=_export)

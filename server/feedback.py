@@ -9,6 +9,7 @@ COCO-captions training set.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import sqlite3
@@ -22,6 +23,7 @@ from PIL import Image
 
 from reefcap.models.errors import ReefcapError
 from reefcap.models.metrics import bleu4_cider
+from reefcap.models.records import SPLITS, stable_split
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS served (
@@ -195,28 +197,52 @@ class FeedbackStore:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def export(self, out: str | Path) -> dict[str, Any]:
-        """Write every image with references as a COCO-captions set: ``out/captions.json`` + ``out/images/``."""
-        from reefcap.models.records import CaptionRecord, write_coco
-
+    def _with_references(self) -> list[tuple]:
+        """Every served image with feedback: (request_id, idx, model, version, caption, image, ext, w, h, refs)."""
         self.flush()
-        out = Path(out)
-        (out / "images").mkdir(parents=True, exist_ok=True)
         with self._lock:
             rows = self._db.execute(
                 "SELECT s.request_id, s.idx, s.model, s.version, s.caption, s.image, s.ext, s.width, s.height, "
                 "group_concat(f.reference, char(31)) FROM served s JOIN feedback f ON f.request_id = s.request_id "
                 "AND f.idx = s.idx GROUP BY s.request_id, s.idx ORDER BY min(f.id)"
             ).fetchall()
+        return [(*row[:9], tuple(row[9].split("\x1f"))) for row in rows]
+
+    def split_items(self, split: str) -> list[tuple[bytes, tuple[str, ...]]]:
+        """(image bytes, references) of the images with feedback in ``split``, the split ``export`` puts them
+        in (the quality gate scores candidates on ``test``: images no export ever trains on)."""
+        return [(r[5], r[9]) for r in self._with_references() if image_split(r[5]) == split]
+
+    def export(self, out: str | Path) -> dict[str, Any]:
+        """Write every image with references as COCO-captions sets: ``out/{train,val,test}.json`` split by image
+        (:func:`image_split`: the same image always lands in the same split, whenever it is exported),
+        ``out/captions.json`` with all of them, and ``out/images/``."""
+        from reefcap.models.records import CaptionRecord, write_coco
+
+        out = Path(out)
+        (out / "images").mkdir(parents=True, exist_ok=True)
         records = []
-        for n, (rid, idx, model, version, caption, blob, ext, w, h, refs) in enumerate(rows, 1):
+        for n, (rid, idx, model, version, caption, blob, ext, w, h, refs) in enumerate(self._with_references(), 1):
             path = out / "images" / f"{rid}-{idx}.{ext}"
             path.write_bytes(blob)
             meta = {"request_id": rid, "index": idx, "model": model, "version": version, "served_caption": caption}
-            meta.update(width=w, height=h)
-            records.append(CaptionRecord(n, path.resolve(), tuple(refs.split("\x1f")), meta))
-        write_coco(records, out / "captions.json", info={"description": "reefcap feedback export"})
-        return {"images": len(records), "annotations": sum(len(r.captions) for r in records), "out": str(out)}
+            meta.update(width=w, height=h, split=image_split(blob))
+            records.append(CaptionRecord(n, path.resolve(), refs, meta))
+        info = {"description": "reefcap feedback export"}
+        write_coco(records, out / "captions.json", info=info)
+        splits = {}
+        for split in SPLITS:
+            chosen = [r for r in records if r.metadata["split"] == split]
+            write_coco(chosen, out / f"{split}.json", info={**info, "split": split})
+            splits[split] = len(chosen)
+        annotations = sum(len(r.captions) for r in records)
+        return {"images": len(records), "annotations": annotations, "splits": splits, "out": str(out)}
+
+
+def image_split(image: bytes) -> str:
+    """The export split of a served image, from the hash of its bytes (70/15/15 on average): a photo sent
+    twice lands in one split, so a held-out image never leaks into training through a second request."""
+    return stable_split(hashlib.sha256(image).hexdigest())
 
 
 def open_store_readonly_check(path: str | Path) -> Path:
