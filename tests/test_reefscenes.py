@@ -16,11 +16,11 @@ from PIL import Image
 from reefcap.cli import main
 from reefcap.models import quality
 from reefcap.models.datasets import load_dataset
-from reefcap.training.captions import NOUNS, make_captions, names_conditions
-from reefcap.training.optics import JERLOV_N, underwater
-from reefcap.training.painter import paint
+from reefcap.models.optics import JERLOV_N, underwater
+from reefcap.models.painter import paint
+from reefcap.models.scene_captions import NOUNS, make_captions, names_conditions
+from reefcap.models.scenes import sample_scene, scene_rng
 from reefcap.training.reefscenes import ReefScenesConfig, default_counts, generate, render_scene, scene_split
-from reefcap.training.scenes import sample_scene, scene_rng
 
 
 def files_of(root):

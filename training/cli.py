@@ -53,9 +53,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _underwater(args: argparse.Namespace) -> int:
     from reefcap.models.datasets import load_dataset
+    from reefcap.models.optics import WATER_TYPES
     from reefcap.models.records import DatasetError
 
-    from .optics import WATER_TYPES
     from .reefscenes import wet_dataset
 
     if args.water_type and args.water_type not in WATER_TYPES:

@@ -14,7 +14,6 @@ generating more scenes never moves an existing one.
 
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
 import os
 import shutil
@@ -26,19 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from reefcap.models.probe import STREAM_RENDER, _jpeg, render_scene
 from reefcap.models.records import SPLITS, CaptionRecord, DatasetError, write_coco
-
-from .captions import describe_conditions, make_captions
-from .optics import render, sample_params
-from .painter import paint
-from .scenes import sample_scene, scene_rng
+from reefcap.models.scenes import scene_rng
 
 DOMAINS = ("surface", "underwater")
 DEFAULT_COUNTS = {"surface": 10_000, "underwater": 3_176}  # an in-air pretraining set; UICD's size
 RATIOS = (0.7, 0.15, 0.15)
-SURFACE_JPEG_QUALITY = 92
-# Random streams per scene: layout, water, rendering noise, captions. Fixed numbers keep old seeds valid.
-STREAM_LAYOUT, STREAM_WATER, STREAM_RENDER, STREAM_CAPTIONS = 0, 1, 2, 3
 
 
 @dataclass
@@ -72,48 +65,6 @@ def scene_split(seed: int, scene_id: int) -> str:
     rank = int(np.random.default_rng([int(seed), block, 7]).permutation(SPLIT_BLOCK)[slot])
     cuts = np.cumsum([round(r * SPLIT_BLOCK) for r in RATIOS])
     return SPLITS[int(np.searchsorted(cuts, rank, side="right"))]
-
-
-def _jpeg(arr: np.ndarray, quality: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality))
-    return buf.getvalue()
-
-
-def _scene_metadata(scene: dict) -> dict:
-    subj, ref = scene["subject"], scene["reference"]
-    meta = {
-        "background": scene["background"],
-        "subject": subj["kind"],
-        "variant": subj["variant"],
-        "colour": subj["colour"],
-        "count": subj["count"],
-        "relation": scene["relation"],
-        "reference": ref["variant"] if ref else None,
-        "scenery": [g["variant"] for g in scene["scenery"]],
-    }
-    return meta
-
-
-def render_scene(seed: int, scene_id: int, size: int, domains) -> dict:
-    """Everything one scene contributes: per domain the JPEG bytes, five captions and the metadata."""
-    scene = sample_scene(scene_rng(seed, scene_id, STREAM_LAYOUT), scene_id)
-    air, rel_range = paint(scene, size)
-    base_meta = _scene_metadata(scene)
-    out = {}
-    if "surface" in domains:
-        captions = make_captions(scene_rng(seed, scene_id, STREAM_CAPTIONS), scene)
-        out["surface"] = (_jpeg(air, SURFACE_JPEG_QUALITY), captions, base_meta)
-    if "underwater" in domains:
-        params = sample_params(scene_rng(seed, scene_id, STREAM_WATER))
-        image = render(air, rel_range * params.range_m, params, scene_rng(seed, scene_id, STREAM_RENDER))
-        water = params.to_dict()
-        conditions = describe_conditions(water, tuple(image.reshape(-1, 3).mean(axis=0)))
-        # The same caption stream as in air: the underwater captions are the in-air ones, some naming the water.
-        captions = make_captions(scene_rng(seed, scene_id, STREAM_CAPTIONS), scene, conditions)
-        meta = {**base_meta, **water, "conditions": conditions}
-        out["underwater"] = (_jpeg(image, params.jpeg_quality), captions, meta)
-    return out
 
 
 def _work(job: tuple) -> tuple[int, dict]:
@@ -179,8 +130,9 @@ def generate(out, config: ReefScenesConfig, progress: bool = True, force: bool =
 
 
 def _wet_one(job: tuple) -> tuple[int, dict]:
+    from reefcap.models.optics import underwater
+
     from .images import load_training_image
-    from .optics import underwater
 
     index, src, dst, seed, water_type, max_side = job
     # The wet copy is training data: decode the in-air photo as training and serving do (upright, alpha on white).

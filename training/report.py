@@ -20,8 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from reefcap.models import quality
 from reefcap.models.records import DatasetError
 from reefcap.models.samples import EUVP_DIR, REPO, sample_photos
-
-from .captions import names_conditions
+from reefcap.models.scene_captions import names_conditions
 
 MEASURES = ("uiqm", "uciqe", "r_g", "b_g")
 LABELS = {"uiqm": "UIQM", "uciqe": "UCIQE", "r_g": "R/G", "b_g": "B/G"}
@@ -96,10 +95,10 @@ def preview(root, out, n: int = 6, split: str = "test", cell: int = 192) -> Path
 
 
 def _render_pair(job):
-    from .optics import render, sample_params
-    from .painter import paint
-    from .reefscenes import STREAM_LAYOUT, STREAM_RENDER, STREAM_WATER, _jpeg
-    from .scenes import sample_scene, scene_rng
+    from reefcap.models.optics import render, sample_params
+    from reefcap.models.painter import paint
+    from reefcap.models.probe import STREAM_LAYOUT, STREAM_RENDER, STREAM_WATER, _jpeg
+    from reefcap.models.scenes import sample_scene, scene_rng
 
     seed, scene_id, size = job
     scene = sample_scene(scene_rng(seed, scene_id, STREAM_LAYOUT), scene_id)

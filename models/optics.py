@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from reefcap.models.quality import srgb_to_linear
+from .quality import srgb_to_linear
 
 # Per-metre residual energy N_c (R, G, B) by Jerlov water type; Jerlov 1976 as tabulated for UWCNN
 # (Li, Anwar & Porikli 2020). I-III are open ocean (blue), 1C-9C coastal (green, turbid).
