@@ -17,7 +17,7 @@ from .feedback import FeedbackStore
 from .gateway import ApiError, Gateway, install_error_handlers
 from .metrics import Metrics
 from .pool import ModelPool, build_pool, engine_config
-from .reload import Reloader
+from .reload import Reloader, gate_setup
 from .routes import router
 from .service import CaptionService
 from .settings import ServerSettings
@@ -59,7 +59,7 @@ class Runtime:
         s = self.settings
         service = CaptionService(s, pool, self.metrics, self._store)
         service.start()
-        self.reloader = Reloader(pool, s.model, s.backend, engine_config(s), self.metrics)
+        self.reloader = Reloader(pool, s.model, s.backend, engine_config(s), self.metrics, gate_setup(s, self._store))
         self.service = service
         if s.reload_poll_s > 0:
             self._tasks.append(asyncio.create_task(self.reloader.watch(s.reload_poll_s)))

@@ -1,50 +1,57 @@
-"""Hot reload of the primary model behind a quality gate.
+"""Hot reload of the primary model behind the quality gate (:mod:`reefcap.models.gate`).
 
-A reload loads the new primary next to the running one, compares its manifest metrics with the current
-primary's, and swaps only if no metric on any split got worse. Requests keep flowing during the load (it
-runs on a worker thread) and batches already running finish on the old engine.
+A reload loads the candidate next to the running primary, checks that its ``manifest.json`` hashes match its
+files, captions the gate set with both models and compares them metric by metric (declared directions, a
+stated tolerance, collapse ceilings); it swaps only when the gate accepts. Loading and measuring run on worker
+threads, so requests keep flowing (batches already running finish on the old engine); one reload at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reefcap.models.engine import EngineConfig
+from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.errors import ReefcapError
+from reefcap.models.gate import GateConfig, GateItems, GateReport, choose_gate_set, run_gate
 from reefcap.models.registry import resolve_model
 
 from .pool import ModelPool, checkpoint_manifest, evaluation_manifest, load_model
 
 log = logging.getLogger("reefcap.server")
-TOLERANCE = 1e-9
 
 
 class QualityGateError(ReefcapError):
-    """The candidate model's evaluation is worse than the serving model's (or it has none)."""
+    """The quality gate refused the candidate (its reasons, per metric, are in the message and ``report``)."""
 
     code = "quality_gate"
 
+    def __init__(self, report: GateReport) -> None:
+        super().__init__(f"quality gate on {report.gate_set}: " + "; ".join(report.reasons()))
+        self.report = report
 
-def quality_gate(candidate: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Why ``candidate`` may not replace ``current`` (manifests' ``metrics`` per split); empty list = pass."""
-    old = current.get("metrics") or {}
-    new = candidate.get("metrics") or {}
-    problems = []
-    for split, values in old.items():
-        if not isinstance(values, dict):
-            continue
-        for metric, before in values.items():
-            if not isinstance(before, (int, float)):
-                continue
-            after = (new.get(split) or {}).get(metric)
-            if not isinstance(after, (int, float)):
-                problems.append(f"{split}/{metric}: missing from the candidate's manifest")
-            elif after < before - TOLERANCE:
-                problems.append(f"{split}/{metric}: {after:.4f} < current {before:.4f}")
-    return problems
+
+class GateSetup:
+    """Where the gate's images come from and how strict it is (from the server settings).
+
+    ``held_out``: returns the feedback store's held-out images (read when a reload starts, on its thread).
+    """
+
+    def __init__(
+        self,
+        options: DecodeOptions,
+        config: GateConfig | None = None,
+        coco_file: str | Path | None = None,
+        held_out: Callable[[], GateItems] | None = None,
+    ) -> None:
+        self.options, self.config, self.coco_file, self.held_out = options, config or GateConfig(), coco_file, held_out
+
+    def items(self) -> tuple[str, GateItems]:
+        held = self.held_out() if self.held_out and not self.coco_file else None
+        return choose_gate_set(self.coco_file, held, self.config)
 
 
 def folder_signature(path: Path) -> tuple:
@@ -55,15 +62,44 @@ def folder_signature(path: Path) -> tuple:
         return ()
 
 
+def gate_setup(settings: Any, store: Any | None) -> GateSetup:
+    """The gate as the settings describe it: the server's default decoding (what users are served), the
+    configured gate set, the feedback store's held-out split."""
+    config = GateConfig(tolerance=settings.gate_tolerance, min_feedback_images=settings.gate_min_feedback)
+    options = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
+    held_out = (lambda: store.split_items("test")) if store is not None else None
+    return GateSetup(options, config, settings.gate_set, held_out)
+
+
 class Reloader:
     """Loads, gates and swaps primaries; also watches the primary's folder when polling is on."""
 
-    def __init__(self, pool: ModelPool, model: str, backend: str, config: EngineConfig, metrics: Any) -> None:
+    def __init__(
+        self,
+        pool: ModelPool,
+        model: str,
+        backend: str,
+        config: EngineConfig,
+        metrics: Any,
+        gate: GateSetup | None = None,
+    ) -> None:
         self.pool, self.model, self.backend, self.config, self.metrics = pool, model, backend, config, metrics
+        self.gate = gate or GateSetup(DecodeOptions.greedy())
+        self.last_report: GateReport | None = None
         self._lock = asyncio.Lock()
 
+    def _judge(self, engine, target: str) -> GateReport:
+        """The gate's verdict on ``engine`` (loaded from ``target``) against the serving primary; blocking."""
+        try:
+            folder = resolve_model(target).path
+        except ReefcapError:
+            folder = Path(target)
+        gate_set, items = self.gate.items()
+        serving = self.pool.primary.engine if self.pool.primary else None
+        return run_gate(engine, folder, serving, items, gate_set, self.gate.options, self.gate.config)
+
     async def reload(self, model: str | None = None) -> dict[str, Any]:
-        """Load ``model`` (default: the configured primary, re-read from disk) and swap it in if it passes."""
+        """Load ``model`` (default: the configured primary, re-read from disk) and swap it in if the gate accepts."""
         target = model or self.model
         async with self._lock:
             try:
@@ -71,20 +107,25 @@ class Reloader:
             except ReefcapError:
                 self.metrics.reloads.labels("load_failed").inc()
                 raise
-            candidate = checkpoint_manifest(target) or evaluation_manifest(engine)
-            current = self.pool.primary.manifest if self.pool.primary else {}
-            problems = quality_gate(candidate, current)
-            if problems:
+            try:
+                report = await asyncio.to_thread(self._judge, engine, target)
+            except BaseException:
+                engine.close()
+                raise
+            self.last_report = report
+            if not report.accepted:
                 engine.close()
                 self.metrics.reloads.labels("rejected").inc()
-                raise QualityGateError("quality gate: " + "; ".join(problems))
+                log.warning("reload of %s refused: %s", target, report.to_dict())
+                raise QualityGateError(report)
+            candidate = checkpoint_manifest(target) or evaluation_manifest(engine)
             previous = self.pool.primary.info.to_dict() if self.pool.primary else None
             self.pool.swap_primary(engine, candidate)
             self.model = target
             self.metrics.reloads.labels("swapped").inc()
             info = engine.describe().to_dict()
-            log.info("primary reloaded: %s %s", info["name"], info["version"])
-            return {"swapped": True, "primary": info, "previous": previous, "metrics": candidate.get("metrics", {})}
+            log.info("primary reloaded: %s %s (gate: %s)", info["name"], info["version"], report.gate_set)
+            return {"swapped": True, "primary": info, "previous": previous, "gate": report.to_dict()}
 
     def _folder(self) -> Path:
         try:

@@ -68,6 +68,12 @@ class ServerSettings(BaseSettings):
     feedback_retain: int = Field(20_000, ge=1)  # served images kept for feedback, newest first
 
     reload_poll_s: float = Field(0.0, ge=0)  # >0: watch the primary's folder and reload when it changes
+    # The quality gate every reload passes (models/gate.py): the images both models caption (a COCO file; unset:
+    # held-out feedback once there are gate_min_feedback images, else the ReefScenes probe set) and the largest
+    # drop of a higher-is-better metric (rise of a lower-is-better one) it accepts, in the metric's units.
+    gate_set: Path | None = None
+    gate_tolerance: float = Field(0.02, ge=0)
+    gate_min_feedback: int = Field(30, ge=1)
     log_level: str = "info"
 
     @field_validator("formats", mode="before")

@@ -12,11 +12,23 @@ from PIL import Image
 
 
 def copy_model(src: Path, dst: Path, metrics: dict | None = None) -> Path:
-    """A copy of a checkpoint folder, with a manifest.json holding ``metrics`` when given."""
+    """A copy of a checkpoint folder, with a manifest.json holding ``metrics`` and the SHA-256 of every file
+    (what `reefcap train` and `zoo-pack` write, so the quality gate's hash check passes) when given."""
     shutil.copytree(src, dst)
+    (dst / "manifest.json").unlink(missing_ok=True)
     if metrics is not None:
-        (dst / "manifest.json").write_text(json.dumps({"metrics": metrics}))
+        write_manifest(dst, {"metrics": metrics})
     return dst
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """``manifest`` plus the real SHA-256 of every file in ``folder``, written as its manifest.json."""
+    from reefcap.models.registry import sha256_file
+
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    payload = {**manifest, "files": files}
+    (folder / "manifest.json").write_text(json.dumps(payload))
+    return payload
 
 
 def collapsed_model(src: Path, dst: Path, word: str = "coral") -> Path:

@@ -294,30 +294,59 @@ def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
     assert Image.open(records[0].path).size == Image.open(served[0][2]).size
 
 
-def test_reload_quality_gate(engines, varied_model, tmp_path):
+def test_reload_quality_gate(engines, tiny_model, euvp_images, tmp_path):
+    """The gate measures both models on the gate set: a copy of the serving model passes (equal numbers), a
+    collapsed model is refused whatever its manifest claims, and so are models without trustworthy hashes."""
+    from server_helpers import write_manifest
+
+    from reefcap.models.records import CaptionRecord, write_coco
+
     root = tmp_path
-    better = copy_model(varied_model, root / "better", {"underwater": {"CIDEr": 0.6, "Bleu_4": 0.2}})
-    worse = copy_model(varied_model, root / "worse", {"underwater": {"CIDEr": 0.4, "Bleu_4": 0.3}})
-    bare = copy_model(varied_model, root / "bare")
-    pool = ModelPool(engines["varied"], None)
-    s = settings(tmp_path, backend="torch", device="cpu")
+    # A gate set the serving model does well on: its own captions are among the references.
+    said = engines["tiny"].caption(euvp_images[:8], DecodeOptions.greedy())
+    refs = [
+        CaptionRecord(i, p, (c.caption, "a reef")) for i, (p, c) in enumerate(zip(euvp_images[:8], said, strict=True))
+    ]
+    write_coco(refs, root / "gate" / "gate.json")
+    claims = {"underwater": {"CIDEr": 9.9, "Bleu_4": 0.9, "repetition_rate": 0.0}}
+    same = copy_model(tiny_model, root / "same", {"underwater": {"CIDEr": 0.6, "Bleu_4": 0.2}})
+    looping = collapsed_model(tiny_model, root / "looping")
+    write_manifest(looping, {"metrics": claims})  # honest hashes, dishonest numbers
+    bare = copy_model(tiny_model, root / "bare")
+    swapped = copy_model(tiny_model, root / "swapped", claims)
+    (swapped / "model.safetensors").write_bytes((looping / "model.safetensors").read_bytes())
+    pool = ModelPool(engines["tiny"], None)
+    s = settings(tmp_path, backend="torch", device="cpu", gate_set=root / "gate" / "gate.json")
 
     async def scenario(client, app):
-        for candidate in (worse, bare):
+        refusals = {}
+        for candidate in (looping, bare, swapped):
             r = await client.post("/v1/admin/reload", json={"model": str(candidate)})
             assert r.status_code == 409 and r.json()["error"]["code"] == "quality_gate", r.text
+            refusals[candidate.name] = r.json()["error"]["message"]
+        assert "repetition_rate" in refusals["looping"] and "(collapse)" in refusals["looping"]
+        # (CIDEr is 0 for both here: the fresh tiny model says one thing for every image, so its words carry no idf.)
+        assert "Bleu_4: 0.0000 vs serving" in refusals["looping"] and "below by more than 0.02" in refusals["looping"]
+        assert "no manifest.json" in refusals["bare"]
+        assert "model.safetensors: SHA-256 differs" in refusals["swapped"]
+        assert "COCO file" in refusals["looping"] and "gate.json" in refusals["looping"]
         r = await client.post("/v1/admin/reload", json={"model": str(root / "missing")})
         assert r.status_code == 422 and r.json()["error"]["code"] == "model_not_found"
-        r = await client.post("/v1/admin/reload", json={"model": str(better)})
-        assert r.status_code == 200 and r.json()["primary"]["name"] == "better"
+        r = await client.post("/v1/admin/reload", json={"model": str(same)})
+        assert r.status_code == 200 and r.json()["primary"]["name"] == "same", r.text
+        gate = r.json()["gate"]
+        verdicts = {v["metric"]: v for v in gate["verdicts"]}
+        assert gate["accepted"] and gate["images"] == 8 and not gate["reasons"]
+        assert verdicts["CIDEr"]["candidate"] == verdicts["CIDEr"]["serving"] and verdicts["CIDEr"]["passed"]
+        assert verdicts["repetition_rate"]["direction"] == "lower" and verdicts["distinct_2"]["direction"] == "neutral"
         res = (await client.post("/v1/image-to-text", content=png_bytes())).status_code
         assert res == 200
-        assert (await client.get("/readyz")).json()["primary"]["name"] == "better"
+        assert (await client.get("/readyz")).json()["primary"]["name"] == "same"
         text = (await client.get("/metrics")).text
-        assert metric(text, "reefcap_reloads_total", result="rejected") == 2
-        assert metric(text, "reefcap_caption_quality_score", model="better", metric="CIDEr") == 0.6
+        assert metric(text, "reefcap_reloads_total", result="rejected") == 3
+        assert metric(text, "reefcap_caption_quality_score", model="same", metric="CIDEr") == 0.6
         # The replaced primary's manifest scores are withdrawn (its series removed), not left at their last value.
-        assert metric_or_zero(text, "reefcap_caption_quality_score", model="varied-m", metric="CIDEr") == 0
+        assert metric_or_zero(text, "reefcap_caption_quality_score", model="tiny", metric="CIDEr") == 0
 
     serve(s, pool, scenario)
 
@@ -355,19 +384,26 @@ def test_grafana_dashboard_uses_only_exported_metrics():
     assert used and used <= exported, used - exported
 
 
-def test_new_version_in_the_model_folder_is_hot_reloaded(varied_model, tmp_path):
-    folder = copy_model(varied_model, tmp_path / "watched", {"underwater": {"CIDEr": 0.5}})
+def test_new_version_in_the_model_folder_is_hot_reloaded(tiny_model, euvp_images, tmp_path):
+    from server_helpers import write_manifest
+
+    from reefcap.models.records import CaptionRecord, write_coco
+
+    write_coco([CaptionRecord(i, p, ("a reef",)) for i, p in enumerate(euvp_images[:4])], tmp_path / "gate.json")
+    folder = copy_model(tiny_model, tmp_path / "watched", {"underwater": {"CIDEr": 0.5}})
     s = settings(tmp_path, model=str(folder), fallback=None, backend="torch", device="cpu", reload_poll_s=0.1)
+    s.gate_set = tmp_path / "gate.json"
     pool = build_pool(s, Metrics())
 
     async def scenario(client, app):
         await asyncio.sleep(0.3)
-        (folder / "manifest.json").write_text(json.dumps({"metrics": {"underwater": {"CIDEr": 0.4}}}))  # worse
+        # A hand-edited manifest: numbers without the hashes that tie them to these weights.
+        (folder / "manifest.json").write_text(json.dumps({"metrics": {"underwater": {"CIDEr": 0.4}}}))
         for _ in range(100):
             await asyncio.sleep(0.1)
             if metric_or_zero((await client.get("/metrics")).text, "reefcap_reloads_total", result="rejected") == 1:
                 break
-        (folder / "manifest.json").write_text(json.dumps({"metrics": {"underwater": {"CIDEr": 0.6}}}))  # better
+        write_manifest(folder, {"metrics": {"underwater": {"CIDEr": 0.6}}})  # a new version, as train writes it
         for _ in range(100):
             await asyncio.sleep(0.1)
             text = (await client.get("/metrics")).text

@@ -142,8 +142,7 @@ def test_hot_reload_under_load_drops_nothing(server, models, euvp_images):
     for t in threads:
         t.start()
     time.sleep(1.0)
-    worse = copy_model(models["primary"], models["root"] / "reef-worse")
-    (worse / "manifest.json").unlink()  # no evaluation: fails the gate
+    worse = copy_model(models["primary"], models["root"] / "reef-worse")  # no manifest: fails the gate
     r = httpx.post(server.url + "/v1/admin/reload", json={"model": str(worse)}, headers=AUTH, timeout=120)
     assert r.status_code == 409, r.text
     r = httpx.post(server.url + "/v1/admin/reload", json={"model": str(models["better"])}, headers=AUTH, timeout=120)
