@@ -237,6 +237,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--no-meteor", action="store_true")
     cmp_.set_defaults(handler=_compare)
 
+    from .adapt import register as register_adapt
     from .zoo import register as register_zoo
 
     register_zoo(sub)
+    register_adapt(sub)

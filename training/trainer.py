@@ -33,6 +33,7 @@ from .data import AirImages, CaptionBatches
 from .evaluation import evaluate, selection_score
 from .gradstats import GradStats
 from .params import apply_stage, optimizer_groups, schedule
+from .progress import progress_bar
 
 STATE_FILE = "state.json"
 
@@ -95,7 +96,7 @@ class Trainer:
 
         self.recipe, self.config, self.out = recipe, config.validate(), Path(out)
         self.start = resolve_model(model)
-        if recipe.preserve and not air_records:
+        if recipe.preserve and recipe.preserve.air_fraction > 0 and not air_records:
             raise ReefcapError(f"recipe {recipe.name!r} preserves in-air ability: pass in-air data (--preserve-data)")
         # Without CUDA, cpu=True is what makes `accelerate launch --multi_gpu --num_processes N` run N CPU
         # processes over gloo (otherwise each process would train alone).
@@ -183,8 +184,6 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        from tqdm import tqdm
-
         acc, cfg = self.acc, self.config
         resuming = resume and (self.ckpt / STATE_FILE).is_file()
         if not resuming and acc.is_main_process and (self.out / "last").exists():
@@ -221,7 +220,7 @@ class Trainer:
             cfg.max_text_len,
         )
         air = None
-        if self.recipe.preserve:
+        if self.recipe.preserve and self.recipe.preserve.air_fraction > 0:  # 0: the L2 pull alone, no in-air data
             per = max(1, round(self.recipe.preserve.air_fraction * cfg.batch_size))
             air = AirImages(self.air_records, processor, transform, per, cfg.seed, acc.process_index)
         steps_per_epoch = max(1, len(batches) // cfg.grad_accum)
@@ -238,7 +237,7 @@ class Trainer:
                     if isinstance(v, (int, float)) and k not in ("step", "stage"):
                         writer.add_scalar(f"{entry.get('type', 'train')}/{k}", v, entry["step"])
 
-        bar = tqdm(total=sum(totals), initial=state.global_step, desc=self.recipe.name, disable=not self.progress)
+        bar = progress_bar(sum(totals), self.recipe.name, self.progress, initial=state.global_step)
         stats = GradStats(model, cfg.grad_window)
         start_time = time.time()
         stop = False
