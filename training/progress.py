@@ -31,6 +31,5 @@ def progress_bar(total: int, desc: str, enabled: bool = True, stream: TextIO | N
     stream = stream or sys.stderr
     if not enabled or stream.isatty():
         return tqdm(total=total, desc=desc, disable=not enabled, file=stream, **kwargs)
-    return tqdm(
-        total=total, desc=desc, file=_Lines(stream), mininterval=LINE_INTERVAL_S, ascii=True, ncols=100, **kwargs
-    )
+    options = {"mininterval": LINE_INTERVAL_S, "ascii": True, "ncols": 100, **kwargs}
+    return tqdm(total=total, desc=desc, file=_Lines(stream), **options)

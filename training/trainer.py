@@ -259,7 +259,7 @@ class Trainer:
                 state.stage_step += 1
                 state.global_step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{entry['loss']:.3f}", stage=stage.name)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}", stage=stage.name, refresh=False)  # redraw at its interval
                 log(entry)
                 epoch = state.stage_step / steps_per_epoch
                 run_done = si == len(self.recipe.stages) - 1 and state.stage_step == total
