@@ -42,6 +42,7 @@ from .metrics import degenerate_reason
 log = logging.getLogger("reefcap.policy")
 
 # The server's defaults too (server/settings.py reads these), so offline and served answers agree.
+DEFAULT_PRIMARY = "reefscenes-tiny-damf"
 DEFAULT_FALLBACK = "reefscenes-tiny"
 DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_RESET_S = 30.0

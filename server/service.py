@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from reefcap.models.engine import DecodeOptions
 from reefcap.models.images import ImageLimits, load_image
-from reefcap.models.quality import uciqe, uiqm
+from reefcap.models.quality import input_quality
 
 from .batcher import DeadlineExceededError, DynamicBatcher
 from .feedback import FeedbackStore, stored_image
@@ -28,9 +26,6 @@ from .pool import ModelPool, Served
 from .settings import ServerSettings
 
 log = logging.getLogger("reefcap.server")
-# UIQM/UCIQE are measured on a copy reduced by a whole factor (box filter) to at most this many pixels a side:
-# bounded cost (about 1 ms on this project's 2-core CI machine) whatever the upload.
-QUALITY_SIDE = 128
 
 
 @dataclass
@@ -44,18 +39,12 @@ class DecodedUpload:
     uciqe: float
 
 
-def quality_copy(image: Image.Image) -> Image.Image:
-    """The image reduced by the smallest whole factor that brings both sides to QUALITY_SIDE or less."""
-    factor = math.ceil(max(image.size) / QUALITY_SIDE)
-    return image.reduce(factor) if factor > 1 else image
-
-
 def decode_one(data: bytes, limits: ImageLimits, index: int) -> DecodedUpload:
     """Decode and measure one upload (runs on a decoding thread). Raises a typed ImageError."""
     image = load_image(data, limits, name=f"image {index}")
-    small = np.asarray(quality_copy(image))  # one uint8 array for both measures
+    quality = input_quality(image)  # the library's, so `reefcap caption --quality` gives the same numbers
     stored, ext = stored_image(data, image)
-    return DecodedUpload(image, stored, ext, round(uiqm(small), 4), round(uciqe(small), 4))
+    return DecodedUpload(image, stored, ext, quality["uiqm"], quality["uciqe"])
 
 
 class CaptionService:

@@ -13,7 +13,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from reefcap.models.engine import check_device
 from reefcap.models.images import DEFAULT_FORMATS, ImageLimits
-from reefcap.models.policy import DEFAULT_BREAKER_FAILURES, DEFAULT_BREAKER_RESET_S, DEFAULT_FALLBACK
+from reefcap.models.policy import (
+    DEFAULT_BREAKER_FAILURES,
+    DEFAULT_BREAKER_RESET_S,
+    DEFAULT_FALLBACK,
+    DEFAULT_PRIMARY,
+)
 
 
 class ServerSettings(BaseSettings):
@@ -23,7 +28,7 @@ class ServerSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    model: str = "reefscenes-tiny-damf"
+    model: str = DEFAULT_PRIMARY  # `reefcap caption` and `reefcap model list` read the same constant
     fallback: str | None = DEFAULT_FALLBACK  # `reefcap caption` uses the same one
     backend: str = "auto"  # auto = the fastest registered backend that imports (onnx, else torch)
     device: str = "auto"
