@@ -69,6 +69,21 @@ class CaptionService:
 
     def start(self) -> None:
         self.batcher.start()
+        self._publish_stored_scores()
+
+    def _publish_stored_scores(self) -> None:
+        """Export the rolling scores the feedback database already holds, so /metrics (and the web page) show
+        them from the start rather than only after the next feedback post. Milliseconds per model."""
+        try:
+            for model in self.store.models_with_feedback():
+                self._set_rolling(model, self.store.rolling_scores(model, self.settings.feedback_window))
+        except Exception as exc:  # a damaged database must not keep the server from serving
+            log.error("could not read the rolling scores from the feedback database: %s", exc)
+
+    def _set_rolling(self, model: str, scores: dict[str, float]) -> None:
+        for metric in ("Bleu_4", "CIDEr"):
+            if metric in scores:
+                self.metrics.quality.labels(model, metric, "feedback", "rolling").set(scores[metric])
 
     async def close(self) -> None:
         await self.batcher.close(self.settings.drain_timeout_s)
@@ -148,7 +163,5 @@ class CaptionService:
         model = await asyncio.to_thread(self.store.add, request_id, index, references)
         self.metrics.feedback.inc(len(references))
         scores = await asyncio.to_thread(self.store.rolling_scores, model, self.settings.feedback_window)
-        for metric in ("Bleu_4", "CIDEr"):
-            if metric in scores:
-                self.metrics.quality.labels(model, metric, "feedback", "rolling").set(scores[metric])
+        self._set_rolling(model, scores)
         return {"model": model, "rolling": scores}
