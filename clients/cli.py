@@ -90,13 +90,14 @@ def _caption(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.paths)
     writer = ResultsWriter(args.output, resume=args.resume, overwrite=args.overwrite) if args.output else None
     todo = [i.image for i in inputs if writer is None or i.image not in writer.done]
-    run = _source(args, options, config)
 
     counts = {"captioned": 0, "failed": 0}
     fallbacks: Counter[str] = Counter()  # images the fallback answered, by reason (every mode's lines say)
-    start = time.monotonic()
-    bar = Progress(len(todo), quiet=args.quiet, every_s=args.progress_every)
-    try:
+    bar = None
+    try:  # from here on the results file is locked: closed (and unlocked) however the run ends
+        run = _source(args, options, config)
+        start = time.monotonic()
+        bar = Progress(len(todo), quiet=args.quiet, every_s=args.progress_every)
         for records in run(todo):
             if writer is not None:
                 writer.write(records)
@@ -109,7 +110,8 @@ def _caption(args: argparse.Namespace) -> int:
             fallbacks.update(r["fallback"]["reason"] for r in records if (r.get("fallback") or {}).get("used"))
             bar.update(len(records))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if writer is not None:
             writer.close()
     elapsed = time.monotonic() - start
