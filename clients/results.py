@@ -36,6 +36,8 @@ def _lock_exclusive(fh: Any, path: Path) -> None:
         raise OutputLockedError(
             f"{path} is being written by another reefcap run; wait for it to finish or choose another -o"
         ) from None
+    except OSError:  # a filesystem without flock (some network mounts): run unguarded, as the README says
+        return
 
 
 def read_results(path: Path) -> Iterator[dict[str, Any]]:
