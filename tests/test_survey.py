@@ -142,3 +142,24 @@ def test_quality_option_adds_the_servers_uiqm_and_uciqe(capsys, varied_model, eu
     assert "quality" not in plain[0]
     code, _, err = run(capsys, "caption", paths[0], "--server", "http://127.0.0.1:9", "--quality")
     assert code == 2 and len(err) == 1 and "--quality" in err[0]
+
+
+def test_a_terminal_still_gets_the_bar_not_json_lines():
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    from reefcap.clients.progress import Progress
+
+    master, slave = os.openpty()  # a real terminal device, as an interactive shell gives
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns, as a window has
+    with os.fdopen(slave, "w") as tty:
+        bar = Progress(4, stream=tty, every_s=0)
+        for _ in range(4):
+            bar.update(1)
+        bar.close()
+        tty.flush()
+        shown = os.read(master, 65536).decode()
+    os.close(master)
+    assert "4/4" in shown and "\r" in shown and '"progress"' not in shown
