@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from reefcap.models.engine import DecodeOptions
+from reefcap.models.errors import ImageError
 from reefcap.models.images import ImageLimits, load_image
 from reefcap.models.quality import uciqe, uiqm
 
@@ -40,8 +41,8 @@ class DecodedUpload:
     image: Image.Image
     stored: bytes
     ext: str
-    uiqm: float
-    uciqe: float
+    uiqm: float | None  # None: too small to measure (the caption is served all the same)
+    uciqe: float | None
 
 
 def quality_copy(image: Image.Image) -> Image.Image:
@@ -55,7 +56,16 @@ def decode_one(data: bytes, limits: ImageLimits, index: int) -> DecodedUpload:
     image = load_image(data, limits, name=f"image {index}")
     small = np.asarray(quality_copy(image))  # one uint8 array for both measures
     stored, ext = stored_image(data, image)
-    return DecodedUpload(image, stored, ext, round(uiqm(small), 4), round(uciqe(small), 4))
+    return DecodedUpload(image, stored, ext, _measured(uiqm, small), _measured(uciqe, small))
+
+
+def _measured(measure: Any, pixels: np.ndarray) -> float | None:
+    # The quality measures are extra information: an image they cannot measure (1x1, or 10x2000 once reduced)
+    # is still captioned, with the measure null, never refused.
+    try:
+        return round(measure(pixels), 4)
+    except ImageError:
+        return None
 
 
 class CaptionService:
@@ -151,8 +161,10 @@ class CaptionService:
         m.images.labels(model=s.info.name).inc()
         m.caption_words.observe(len(s.caption.caption.split()))
         m.confidence.observe(s.caption.confidence)
-        m.uiqm.observe(d.uiqm)
-        m.uciqe.observe(d.uciqe)
+        if d.uiqm is not None:
+            m.uiqm.observe(d.uiqm)
+        if d.uciqe is not None:
+            m.uciqe.observe(d.uciqe)
 
     async def add_feedback(self, request_id: str, index: int, references: list[str]) -> dict[str, Any]:
         """Store references and refresh the model's rolling BLEU-4/CIDEr (computed on a worker thread)."""
