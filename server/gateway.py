@@ -202,7 +202,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        codes[415] = "unsupported_media_type"
         # exc.headers carries Allow on a 405 (RFC 9110 15.5.6 requires it).
         return error_response(
             exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), exc.headers or None
