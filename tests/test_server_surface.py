@@ -309,3 +309,44 @@ def test_bearer_scheme_is_case_insensitive(engine, tmp_path):
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", given
 
     serve(settings(tmp_path, api_key="s3cret"), ModelPool(engine, None), scenario)
+
+
+# ---- OpenAPI -------------------------------------------------------------------------------------------
+
+
+def test_openapi_documents_request_bodies_and_error_responses(engine, tmp_path):
+    from openapi_spec_validator import validate
+
+    async def scenario(client, app):
+        return (await client.get("/openapi.json")).json()
+
+    doc = serve(settings(tmp_path, admin_key="adm1n"), ModelPool(engine, None), scenario)
+    validate(doc)  # a valid OpenAPI 3.1 document, every $ref resolvable
+    schemas = doc["components"]["schemas"]
+
+    def body(path: str) -> dict:
+        return doc["paths"][path]["post"]["requestBody"]["content"]
+
+    def ref(content: dict) -> dict:
+        return schemas[content["schema"]["$ref"].rsplit("/", 1)[1]]
+
+    captions = body("/v1/captions")
+    assert set(captions) == {"multipart/form-data", "application/json"}
+    assert captions["multipart/form-data"]["schema"]["properties"]["images"]["items"]["format"] == "binary"
+    assert set(ref(captions["application/json"])["properties"]) == {"images", "options"}
+    assert {"num_beams", "max_length", "prompt"} <= set(schemas["Options"]["properties"])
+    hf = body("/v1/image-to-text")
+    assert {"image/*", "application/octet-stream", "application/json"} <= set(hf) and "inputs" in ref(
+        hf["application/json"]
+    )["properties"]
+    assert set(ref(body("/v1/feedback")["application/json"])["properties"]) == {"request_id", "index", "references"}
+    assert "model" in ref(body("/v1/admin/reload")["application/json"])["properties"]
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            failures = {int(s): r for s, r in op["responses"].items() if int(s) >= 400}
+            assert 500 in failures and any(400 <= s < 500 for s in failures), (path, method, sorted(failures))
+            for status, response in failures.items():
+                if status != 503 or path != "/readyz":
+                    assert response["content"]["application/json"]["schema"] == error, (path, method, status)
+    assert schemas["ErrorBody"]["properties"]["error"] == {"$ref": "#/components/schemas/ErrorDetail"}
