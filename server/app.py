@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from .admin import ReloadBody, admin_router
 from .feedback import FeedbackStore
-from .gateway import ApiError, Gateway, install_error_handlers
+from .gateway import PUBLIC_PATHS, ApiError, Gateway, install_error_handlers
 from .metrics import Metrics
 from .openapi import install_openapi
 from .pool import ModelPool, build_pool, engine_config
@@ -110,7 +110,7 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
     app.include_router(router)
     if settings.admin_key:  # otherwise the gateway answers 404 under /v1/admin and the schema omits it
         app.include_router(admin_router)
-    install_openapi(app, [*SCHEMA_MODELS, ReloadBody])
+    install_openapi(app, [*SCHEMA_MODELS, ReloadBody], bool(settings.api_key), PUBLIC_PATHS)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
     app.add_middleware(Gateway, settings=settings, metrics=metrics)

@@ -59,17 +59,29 @@ def request_body(content: dict[str, Any], required: bool = True) -> dict[str, An
     return {"requestBody": {"required": required, "content": content}}
 
 
-def install_openapi(app: FastAPI, models: list[type[BaseModel]]) -> None:
-    """Make ``app.openapi()`` also carry ``models`` (and the models they use) in ``components/schemas``."""
+def install_openapi(app: FastAPI, models: list[type[BaseModel]], api_key: bool, public: set[str]) -> None:
+    """Make ``app.openapi()`` also carry ``models`` (and the models they use) in ``components/schemas``, and
+    say which key each operation needs: the admin key under /v1/admin, the API key elsewhere when one is set
+    (``api_key``), none on the ``public`` paths."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes, description=app.description)
-            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            components = doc.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})
             for model in models:
                 schema = model.model_json_schema(ref_template=REF)
                 schemas.update(schema.pop("$defs", {}))
                 schemas[model.__name__] = schema
+            components["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "REEFCAP_API_KEY"},
+                "adminKey": {"type": "http", "scheme": "bearer", "description": "REEFCAP_ADMIN_KEY"},
+            }
+            for path, operations in doc.get("paths", {}).items():
+                scheme = "adminKey" if path.startswith("/v1/admin/") else "apiKey" if api_key else None
+                for operation in operations.values():
+                    if scheme and path not in public:
+                        operation["security"] = [{scheme: []}]
             app.openapi_schema = doc
         return app.openapi_schema
 

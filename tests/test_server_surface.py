@@ -318,9 +318,9 @@ def test_openapi_documents_request_bodies_and_error_responses(engine, tmp_path):
     from openapi_spec_validator import validate
 
     async def scenario(client, app):
-        return (await client.get("/openapi.json")).json()
+        return (await client.get("/openapi.json", headers={"Authorization": "Bearer k"})).json()
 
-    doc = serve(settings(tmp_path, admin_key="adm1n"), ModelPool(engine, None), scenario)
+    doc = serve(settings(tmp_path, admin_key="adm1n", api_key="k"), ModelPool(engine, None), scenario)
     validate(doc)  # a valid OpenAPI 3.1 document, every $ref resolvable
     schemas = doc["components"]["schemas"]
 
@@ -350,3 +350,7 @@ def test_openapi_documents_request_bodies_and_error_responses(engine, tmp_path):
                 if status != 503 or path != "/readyz":
                     assert response["content"]["application/json"]["schema"] == error, (path, method, status)
     assert schemas["ErrorBody"]["properties"]["error"] == {"$ref": "#/components/schemas/ErrorDetail"}
+    # Which key each operation needs, so a client generated from the schema sends it.
+    assert doc["paths"]["/v1/admin/reload"]["post"]["security"] == [{"adminKey": []}]
+    assert doc["paths"]["/v1/captions"]["post"]["security"] == [{"apiKey": []}]
+    assert "security" not in doc["paths"]["/readyz"]["get"]
