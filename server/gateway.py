@@ -221,6 +221,9 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         if status >= 500 and status not in (503, 504):
             log.exception("unhandled error on %s", request.url.path, exc_info=exc)
             return error_response(status, code, f"internal error ({type(exc).__name__})")
+        if code == "model_unavailable":  # the loader's message names paths: the log gets it, the client does not
+            log.error("model unavailable on %s: %s", request.url.path, exc)
+            return error_response(status, code, "a model could not be loaded; see the server log", headers)
         return error_response(status, code, str(exc), headers)
 
     # Known error families go to ExceptionMiddleware (answered, not re-raised); Exception is the last resort.
