@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from reefcap.models.errors import (
     ImageError,
@@ -108,12 +109,7 @@ class Gateway:
             except Exception as exc:
                 if status_box["started"]:
                     raise  # half a response is out: only closing the connection can end it
-                # Answered here, not by Starlette's ServerErrorMiddleware, which re-raises after its 500 so that
-                # uvicorn drops the keep-alive connection without a `Connection: close`. A complete JSON 500 keeps
-                # the connection usable for the client's next request, and carries X-Request-ID.
-                log.exception("unhandled error on %s (request %s)", path, request_id, exc_info=exc)
-                internal = error_response(500, "internal_error", f"internal error ({type(exc).__name__})")
-                await internal(scope, receive, send_wrapped)
+                await _crash_response(exc, path, request_id)(scope, receive, send_wrapped)
         finally:
             status = str(status_box["status"])
             self.metrics.requests.labels(endpoint, status).inc()
@@ -149,6 +145,19 @@ class Gateway:
 def is_admin_path(path: str) -> bool:
     """Whether ``path`` belongs to the admin surface (today's reload and any admin route added later)."""
     return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+
+
+def _crash_response(exc: Exception, path: str, request_id: str) -> JSONResponse:
+    """The answer to an exception that escaped the app before any response started.
+
+    Answered here, not by Starlette's ServerErrorMiddleware, which re-raises after its 500 so that uvicorn
+    drops the keep-alive connection without a ``Connection: close``. A complete JSON 500 keeps the connection
+    usable for the client's next request, and carries X-Request-ID (the id the traceback is logged under).
+    """
+    if isinstance(exc, ClientDisconnect):  # gone while its body was read: nobody to answer, and no bug
+        return error_response(499, "client_disconnected", "the client went away")
+    log.exception("unhandled error on %s (request %s)", path, request_id, exc_info=exc)
+    return error_response(500, "internal_error", f"internal error ({type(exc).__name__})")
 
 
 def _unauthorized(message: str) -> JSONResponse:
