@@ -168,7 +168,7 @@ def multipart_parts(draw) -> dict:
 
 
 @settings(
-    max_examples=250,
+    max_examples=400,
     deadline=None,
     derandomize=True,
     database=None,
