@@ -128,11 +128,9 @@ class Gateway:
 
     def _authorize(self, path: str, authorization: str, preflight: bool) -> JSONResponse | None:
         """A 401/404 refusal, or None. CORS preflights (OPTIONS) carry no credentials and need none."""
-        if is_admin_path(path):
-            # Off without an admin key: the same 404 as a route that does not exist. The caption API key never
-            # opens the admin routes; only the admin key does.
-            if not self.settings.admin_key:
-                return error_response(404, "not_found", "Not Found")
+        if is_admin_path(path) and self.settings.admin_key:
+            # Only the admin key opens admin routes, never the caption API key. Without an admin key they are not
+            # mounted at all (create_app), so they answer exactly as a route that does not exist.
             if not preflight and not bearer_matches(authorization, self.settings.admin_key):
                 return _unauthorized("missing or wrong admin key")
             return None
