@@ -25,12 +25,8 @@ from .routes import SCHEMA_MODELS, router
 from .service import CaptionService
 from .settings import ServerSettings
 
-__all__ = [
-    "Runtime",
-    "build_pool",
-    "create_app",
-    "exposure_warnings",
-]  # build_pool is the pool module's, kept importable here
+# build_pool is the pool module's, kept importable here
+__all__ = ["Runtime", "build_pool", "create_app", "exposure_warnings"]
 log = logging.getLogger("reefcap.server")
 
 
@@ -108,7 +104,7 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
     app.state.metrics, app.state.settings, app.state.runtime = metrics, settings, runtime
     install_error_handlers(app, settings.retry_after_s)
     app.include_router(router)
-    if settings.admin_key:  # otherwise the gateway answers 404 under /v1/admin and the schema omits it
+    if settings.admin_key:  # otherwise not mounted: answered as a missing route, and left out of the schema
         app.include_router(admin_router)
     install_openapi(app, [*SCHEMA_MODELS, ReloadBody], bool(settings.api_key), PUBLIC_PATHS)
     if settings.cors_origins:

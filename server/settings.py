@@ -96,13 +96,23 @@ class ServerSettings(BaseSettings):
             return [v for v in value.replace(",", " ").split() if v]
         return value
 
+    @field_validator("admin_key")
+    @classmethod
+    def _blank_admin_key_is_none(cls, value: str | None) -> str | None:
+        return value if value and value.strip() else None  # REEFCAP_ADMIN_KEY= (empty) leaves admin off
+
+    @field_validator("models_dir")
+    @classmethod
+    def _models_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_dir():
+            raise ValueError(f"models_dir {str(value)!r} is not a directory")
+        return value
+
     @model_validator(mode="after")
     def _distinct_keys(self) -> ServerSettings:
         # One key for both would make every caption client an admin: the separation is the point.
         if self.admin_key is not None and self.admin_key == self.api_key:
             raise ValueError("admin_key must differ from api_key")
-        if self.admin_key is not None and not self.admin_key.strip():
-            raise ValueError("admin_key must not be empty")
         return self
 
     @property

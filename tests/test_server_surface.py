@@ -86,6 +86,9 @@ def test_admin_routes_are_off_without_an_admin_key(engine, tmp_path):
 def test_admin_key_is_its_own_key(engine, tmp_path, models_dir):
     with pytest.raises(ValueError, match="admin_key must differ from api_key"):
         settings(tmp_path, api_key="same", admin_key="same")
+    with pytest.raises(ValueError, match="models_dir .* is not a directory"):
+        settings(tmp_path, admin_key="adm1n", models_dir=tmp_path / "missing")
+    assert settings(tmp_path, admin_key="  ").admin_key is None  # an empty REEFCAP_ADMIN_KEY leaves admin off
 
     async def scenario(client, app):
         for headers in ({}, {"Authorization": "Bearer cap"}, {"Authorization": "Bearer wrong"}):
