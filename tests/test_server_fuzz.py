@@ -33,6 +33,7 @@ PATHS = ["/v1/captions", "/v1/image-to-text", "/v1/feedback", "/v1/admin/reload"
 PATHS += ["/healthz", "/metrics", "/", "/openapi.json", "/v1/admin/other", "/v1/nope"]
 CTYPES = ["application/json", "APPLICATION/JSON; charset=utf-8", "application/jsonx", "multipart/form-data"]
 CTYPES += ["image/png", "application/octet-stream", "text/plain", "", "multipart/form-data; boundary=x"]
+SERVED = "@served"  # replaced by the id of a request the app really served, so feedback reaches the store
 URL_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-_.~%/"
 OPTION_KEYS = ["num_beams", "max_length", "min_length", "repetition_penalty", "prompt", "beams", "temperature"]
 
@@ -80,6 +81,11 @@ def app(tiny_model, tmp_path_factory):
         models_dir=tmp,
     )
     running = AppThread(create_app(s, ModelPool(engine, None)))
+    served = running.request(
+        method="POST", url="/v1/image-to-text", content=_png((32, 32)), headers={"Authorization": API}
+    )
+    assert served.status_code == 200, served.text
+    running.served_id = served.headers["x-request-id"]
     yield running
     running.close()
 
@@ -107,7 +113,7 @@ captions_json = st.fixed_dictionaries(
 feedback_json = st.fixed_dictionaries(
     {},
     optional={
-        "request_id": st.text(max_size=70) | st.integers(),
+        "request_id": st.just(SERVED) | st.text(max_size=70) | st.integers(),
         "index": st.integers(-(2**70), 2**70) | st.integers(0, 3),
         "references": st.lists(st.text(max_size=40), max_size=3) | json_values,
     },
@@ -176,6 +182,8 @@ def multipart_parts(draw) -> dict:
 )
 @given(req=requests())
 def test_no_request_gets_a_5xx_and_every_error_is_json(app, req):
+    if isinstance(req.get("content"), bytes):
+        req["content"] = req["content"].replace(SERVED.encode(), app.served_id.encode())
     r = app.request(**req)
     event(f"{req['method']} {req['url'] if req['url'] in PATHS else 'other'} -> {r.status_code}")
     assert r.status_code < 500, (req, r.status_code, r.text[:300])
