@@ -33,7 +33,15 @@ from .feedback import UnknownRequestError
 
 log = logging.getLogger("reefcap.server")
 PUBLIC_PATHS = {"/", "/healthz", "/readyz", "/metrics"}  # no API key needed
-ADMIN_PREFIX = "/v1/admin"  # every route under it needs the admin key, and is off (404) without one
+ADMIN_PREFIX = "/v1/admin"  # every route under it needs the admin key, and is not mounted without one
+# The framework's own refusals (routing, multipart parsing) by status.
+HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
 ENDPOINTS = {
     "/",
     "/healthz",
@@ -209,12 +217,9 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        codes[415] = "unsupported_media_type"
         # exc.headers carries Allow on a 405 (RFC 9110 15.5.6 requires it).
-        return error_response(
-            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), exc.headers or None
-        )
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
