@@ -1,5 +1,6 @@
 """Property-based fuzzing of the HTTP API (hypothesis): whatever a client sends, the answer is never a 5xx and
-every error is JSON ``{"error": {"code", "message"}}``.
+every error is JSON ``{"error": {"code", "message"}}``. One test sends requests of every shape; two more go
+deeper into the bodies that carry values: decoding options on a valid image, and feedback for a served image.
 
 The app runs once, in-process on a real tiny BLIP with its lifespan (batcher, SQLite feedback store), on an event
 loop of its own; hypothesis drives requests at it through httpx. Any exception escaping the app fails the
@@ -101,28 +102,46 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
+# Strategies listed more than once in one_of are drawn more often: most values are of the right type (so the
+# request gets past validation to the code behind it), the rest anything.
 images = st.builds(_png, st.tuples(st.integers(1, 48), st.integers(1, 48)))
-image_bytes = images | st.binary(max_size=64)
+image_bytes = st.one_of(images, images, images, st.binary(max_size=64))
+valid_b64 = images.map(lambda b: base64.b64encode(b).decode())
+b64 = st.one_of(valid_b64, valid_b64, valid_b64, st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()))
+b64 |= st.text(max_size=12)
 option_values = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.integers(0, 600) | st.floats()
 option_values |= st.text(max_size=30) | st.just("a " * 90)
-options = st.dictionaries(st.sampled_from(OPTION_KEYS), option_values, max_size=4)
-b64 = image_bytes.map(lambda b: base64.b64encode(b).decode()) | st.text(max_size=12)
-captions_json = st.fixed_dictionaries(
-    {"images": st.lists(st.fixed_dictionaries({"data": b64}), max_size=3)}, optional={"options": options}
+# Each option in its range or beyond it (lengths past the model's text positions, an 80-word prompt), or wild.
+typed = {
+    "num_beams": st.integers(1, 16),
+    "max_length": st.integers(1, 600),
+    "min_length": st.integers(1, 600),
+    "repetition_penalty": st.floats(0.5, 5),
+    "prompt": st.text(max_size=30) | st.just("a " * 90),
+}
+typed_options = st.fixed_dictionaries({}, optional=typed)
+options = st.one_of(
+    typed_options,
+    typed_options,
+    typed_options,
+    st.dictionaries(st.sampled_from(OPTION_KEYS), option_values, max_size=4),
 )
+captions_json = st.fixed_dictionaries(
+    {"images": st.lists(st.fixed_dictionaries({"data": b64}), min_size=1, max_size=3) | st.just([])},
+    optional={"options": options},
+)
+references = st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=3)
+indexes = st.integers(0, 3) | st.sampled_from([-1, 2**31, 2**63 - 1, 2**63, 2**64]) | st.integers(-(2**70), 2**70)
 feedback_json = st.fixed_dictionaries(
-    {},
-    optional={
-        "request_id": st.just(SERVED) | st.text(max_size=70) | st.integers(),
-        "index": st.integers(-(2**70), 2**70) | st.integers(0, 3),
-        "references": st.lists(st.text(max_size=40), max_size=3) | json_values,
+    {
+        "request_id": st.one_of(st.just(SERVED), st.just(SERVED), st.text(max_size=70), st.integers()),
+        "references": st.one_of(references, references, references, json_values),
     },
+    optional={"index": indexes},
 )
 reload_json = st.fixed_dictionaries({}, optional={"model": st.text(max_size=40) | json_values})
-json_bodies = (captions_json | feedback_json | reload_json | json_values).map(
-    lambda v: json.dumps(v, allow_nan=True).encode()
-)
-deeply_nested = st.integers(1, 50_000).map(lambda n: b'{"images": ' + b"[" * n + b"]" * n + b"}")
+depths = st.sampled_from([2, 100, 1_000, 10_000, 100_000]) | st.integers(1, 100_000)
+deeply_nested = depths.map(lambda n: b'{"images": ' + b"[" * n + b"]" * n + b"}")
 
 
 def _weighted(*pairs: tuple[int, object]) -> st.SearchStrategy:
@@ -147,7 +166,18 @@ def requests(draw) -> dict:
     if route == "/v1/captions" and draw(st.booleans()):
         shape = "multipart"
     if wrong == "shape":
-        shape = draw(st.sampled_from(["captions", "raw", "feedback", "reload", "multipart", "json", "nested", "bytes"]))
+        shape = draw(
+            _weighted(
+                (1, "captions"),
+                (1, "raw"),
+                (1, "feedback"),
+                (1, "reload"),
+                (1, "multipart"),
+                (1, "json"),
+                (3, "nested"),
+                (1, "bytes"),
+            )
+        )
     if shape == "multipart":
         return {"method": method, "url": path, "headers": headers, **draw(multipart_parts())}
     bodies = {"captions": captions_json, "feedback": feedback_json, "reload": reload_json, "json": json_values}
@@ -173,15 +203,16 @@ def multipart_parts(draw) -> dict:
     return {"files": files or None, "data": {"options": opts.decode()} if extra == "field" else None}
 
 
-@settings(
-    max_examples=400,
+FUZZ = settings(
     deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(req=requests())
-def test_no_request_gets_a_5xx_and_every_error_is_json(app, req):
+
+
+def _check(app: AppThread, req: dict) -> httpx.Response:
+    """Send ``req`` and hold the answer to the property: no 5xx, and every error JSON ``{"error": ...}``."""
     if isinstance(req.get("content"), bytes):
         req["content"] = req["content"].replace(SERVED.encode(), app.served_id.encode())
     r = app.request(**req)
@@ -191,3 +222,34 @@ def test_no_request_gets_a_5xx_and_every_error_is_json(app, req):
         body = r.json()
         assert set(body) == {"error"} and set(body["error"]) >= {"code", "message"}, body
         assert isinstance(body["error"]["code"], str) and body["error"]["message"]
+    return r
+
+
+@settings(FUZZ, max_examples=400)
+@given(req=requests())
+def test_no_request_gets_a_5xx_and_every_error_is_json(app, req):
+    _check(app, req)
+
+
+@settings(FUZZ, max_examples=60)
+@given(image=images, opts=typed_options, multipart=st.booleans())
+def test_any_decoding_options_are_captioned_or_refused_with_a_4xx(app, image, opts, multipart):
+    """Typed, in or out of range: the options a well-formed caption request may carry (its most costly part)."""
+    if multipart:
+        files = [("images", ("a.png", image, "image/png")), ("options", ("o.json", json.dumps(opts).encode()))]
+        req = {"files": files}
+    else:
+        body = {"images": [{"data": base64.b64encode(image).decode()}], "options": opts}
+        req = {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
+    req = {"method": "POST", "url": "/v1/captions", **req}
+    req["headers"] = {**req.get("headers", {}), "Authorization": API}
+    _check(app, req)
+
+
+@settings(FUZZ, max_examples=60)
+@given(body=feedback_json)
+def test_any_feedback_is_stored_or_refused_with_a_4xx(app, body):
+    """References for the image the app served (or for unknown ids), at any index."""
+    content = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", "Authorization": API}
+    _check(app, {"method": "POST", "url": "/v1/feedback", "headers": headers, "content": content})
