@@ -293,7 +293,18 @@ def quality_copy(image: Any) -> Any:
     return image.reduce(factor) if factor > 1 else image
 
 
-def input_quality(image: Any) -> dict[str, float]:
-    """``{"uiqm", "uciqe"}`` of a decoded RGB PIL image, rounded to 4 places, as the server reports them."""
+def input_quality(image: Any) -> dict[str, float | None]:
+    """``{"uiqm", "uciqe"}`` of a decoded RGB PIL image, rounded to 4 places, as the server reports them.
+
+    A measure is None for an image it cannot measure (1x1, or 10x2000 once reduced): quality is extra
+    information, so such an image is still captioned, never refused.
+    """
     small = np.asarray(quality_copy(image))  # one uint8 array for both measures
-    return {"uiqm": round(uiqm(small), 4), "uciqe": round(uciqe(small), 4)}
+    return {"uiqm": _measured(uiqm, small), "uciqe": _measured(uciqe, small)}
+
+
+def _measured(measure: Any, pixels: np.ndarray) -> float | None:
+    try:
+        return round(measure(pixels), 4)
+    except ImageError:
+        return None

@@ -19,6 +19,7 @@ FLAGS = [  # (flag, settings field, type, help)
     ("--max-queue", "max_queue", int, "queued images beyond which requests get 503"),
     ("--request-timeout-s", "request_timeout_s", float, "per-request deadline (504 after it)"),
     ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (not on /, health and metrics)"),
+    ("--models-dir", "models_dir", str, "folder of models /v1/admin/reload may load by name (needs REEFCAP_ADMIN_KEY)"),
     ("--feedback-db", "feedback_db", str, "SQLite file for served captions and feedback"),
     ("--reload-poll-s", "reload_poll_s", float, "watch the primary's folder every N s and hot-reload (0: off)"),
     ("--log-level", "log_level", str, "uvicorn log level"),

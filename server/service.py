@@ -35,8 +35,8 @@ class DecodedUpload:
     image: Image.Image
     stored: bytes
     ext: str
-    uiqm: float
-    uciqe: float
+    uiqm: float | None  # None: too small to measure (the caption is served all the same)
+    uciqe: float | None
 
 
 def decode_one(data: bytes, limits: ImageLimits, index: int) -> DecodedUpload:
@@ -155,8 +155,10 @@ class CaptionService:
         m.images.labels(model=s.info.name).inc()
         m.caption_words.observe(len(s.caption.caption.split()))
         m.confidence.observe(s.caption.confidence)
-        m.uiqm.observe(d.uiqm)
-        m.uciqe.observe(d.uciqe)
+        if d.uiqm is not None:
+            m.uiqm.observe(d.uiqm)
+        if d.uciqe is not None:
+            m.uciqe.observe(d.uciqe)
 
     async def add_feedback(self, request_id: str, index: int, references: list[str]) -> dict[str, Any]:
         """Store references and refresh the model's rolling BLEU-4/CIDEr (computed on a worker thread)."""

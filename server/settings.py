@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from reefcap.models.engine import check_device
@@ -75,6 +75,12 @@ class ServerSettings(BaseSettings):
     reload_poll_s: float = Field(0.0, ge=0)  # >0: watch the primary's folder and reload when it changes
     log_level: str = "info"
 
+    # Admin surface (README "Admin"). Without admin_key every /v1/admin/* route answers 404, as if absent: an
+    # open admin route let anyone probe the filesystem and load models. Reload names resolve only to entries of
+    # models_dir, the bundled zoo and the configured primary; a path or hub id from a request never loads.
+    admin_key: str | None = None
+    models_dir: Path | None = None
+
     @field_validator("formats", mode="before")
     @classmethod
     def _split_formats(cls, value: object) -> object:
@@ -94,6 +100,25 @@ class ServerSettings(BaseSettings):
         if isinstance(value, str):
             return [v for v in value.replace(",", " ").split() if v]
         return value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _blank_admin_key_is_none(cls, value: str | None) -> str | None:
+        return value if value and value.strip() else None  # REEFCAP_ADMIN_KEY= (empty) leaves admin off
+
+    @field_validator("models_dir")
+    @classmethod
+    def _models_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_dir():
+            raise ValueError(f"models_dir {str(value)!r} is not a directory")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> ServerSettings:
+        # One key for both would make every caption client an admin: the separation is the point.
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise ValueError("admin_key must differ from api_key")
+        return self
 
     @property
     def image_limits(self) -> ImageLimits:

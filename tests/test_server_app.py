@@ -295,20 +295,21 @@ def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
 
 
 def test_reload_quality_gate(engines, varied_model, tmp_path):
-    root = tmp_path
-    better = copy_model(varied_model, root / "better", {"underwater": {"CIDEr": 0.6, "Bleu_4": 0.2}})
-    worse = copy_model(varied_model, root / "worse", {"underwater": {"CIDEr": 0.4, "Bleu_4": 0.3}})
-    bare = copy_model(varied_model, root / "bare")
+    root = tmp_path / "models"
+    copy_model(varied_model, root / "better", {"underwater": {"CIDEr": 0.6, "Bleu_4": 0.2}})
+    copy_model(varied_model, root / "worse", {"underwater": {"CIDEr": 0.4, "Bleu_4": 0.3}})
+    copy_model(varied_model, root / "bare")
     pool = ModelPool(engines["varied"], None)
-    s = settings(tmp_path, backend="torch", device="cpu")
+    s = settings(tmp_path, backend="torch", device="cpu", admin_key="adm", models_dir=root)
+    admin = {"Authorization": "Bearer adm"}
 
     async def scenario(client, app):
-        for candidate in (worse, bare):
-            r = await client.post("/v1/admin/reload", json={"model": str(candidate)})
+        for candidate in ("worse", "bare"):  # reload takes names, resolved inside models_dir
+            r = await client.post("/v1/admin/reload", json={"model": candidate}, headers=admin)
             assert r.status_code == 409 and r.json()["error"]["code"] == "quality_gate", r.text
-        r = await client.post("/v1/admin/reload", json={"model": str(root / "missing")})
-        assert r.status_code == 422 and r.json()["error"]["code"] == "model_not_found"
-        r = await client.post("/v1/admin/reload", json={"model": str(better)})
+        r = await client.post("/v1/admin/reload", json={"model": "missing"}, headers=admin)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
+        r = await client.post("/v1/admin/reload", json={"model": "better"}, headers=admin)
         assert r.status_code == 200 and r.json()["primary"]["name"] == "better"
         res = (await client.post("/v1/image-to-text", content=png_bytes())).status_code
         assert res == 200
