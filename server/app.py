@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from .feedback import FeedbackStore
 from .gateway import ApiError, Gateway, install_error_handlers
+from .limits import BodyLimits
 from .metrics import Metrics
 from .pool import ModelPool, build_pool, engine_config
 from .reload import Reloader
@@ -100,5 +101,6 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
     app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
+    app.add_middleware(BodyLimits, read_timeout_s=settings.read_timeout_s, max_large_bodies=settings.max_large_bodies)
     app.add_middleware(Gateway, settings=settings, metrics=metrics)
     return app

@@ -81,6 +81,8 @@ class DynamicBatcher(Generic[R]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
+        self._drain: asyncio.Future | None = None
+        self._running: list[_Item] = []  # the batch in flight, failed too if the drain deadline passes
         self.batches_run = 0
 
     @property
@@ -131,19 +133,28 @@ class DynamicBatcher(Generic[R]):
         raise DeadlineExceededError(f"not captioned within the {timeout_s:g} s deadline")
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop taking work, finish everything queued (up to ``drain_timeout_s``), then stop the loop."""
+        """Stop taking work, finish everything queued (up to ``drain_timeout_s``, fractions honoured; 0 does
+        not wait), then stop the loop. Images still queued or running at the deadline fail with
+        :class:`ShuttingDownError` (a JSON 503 ``shutting_down``). Calling it again waits for the same drain."""
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._close(drain_timeout_s))
+        await asyncio.shield(self._drain)
+
+    async def _close(self, drain_timeout_s: float) -> None:
         self._closing = True
         self._wakeup.set()
         if self._task is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            await asyncio.wait_for(asyncio.shield(self._task), max(drain_timeout_s, 0.0))
         except TimeoutError:
             self._task.cancel()
-            for item in self._queue:
+            error = ShuttingDownError("the server shut down before this image was captioned")
+            for item in [*self._running, *self._queue]:
                 if not item.future.done():
-                    item.future.set_exception(ShuttingDownError("the server shut down before this image ran"))
+                    item.future.set_exception(error)
             self._queue.clear()
+            self._set_depth()
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -213,6 +224,7 @@ class DynamicBatcher(Generic[R]):
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
         self.batches_run += 1
+        self._running = batch
         try:
             results = list(await self.runner([it.image for it in batch], batch[0].options))
             if len(results) != len(batch):

@@ -28,12 +28,11 @@ FLAGS = [  # (flag, settings field, type, help)
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from reefcap.models.errors import ReefcapError
     from reefcap.models.policy import fallback_name
 
     from .app import create_app
+    from .limits import run
     from .metrics import Metrics
     from .pool import build_pool
     from .settings import ServerSettings
@@ -55,14 +54,8 @@ def _serve(args: argparse.Namespace) -> int:
             f"no model could be loaded: primary {settings.model!r} ({pool.primary_error}); {fallback}. "
             "Pass --model DIR (e.g. one written by `reefcap model init --kind tiny --out DIR`)."
         )
-    app = create_app(settings, pool)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-    )
+    # limits.run: connection cap, read timeouts, and a drain that starts on SIGTERM (fractions of a second too).
+    run(create_app(settings, pool), settings)
     return 0
 
 

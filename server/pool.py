@@ -13,11 +13,13 @@ import asyncio
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
 from reefcap.models.backends import BACKENDS, engine_class, load_engine
@@ -130,6 +132,39 @@ class MetricsObserver(PolicyObserver):
             self.metrics.breaker_open.set(1 if is_open else 0)
 
 
+class CostModel:
+    """The primary's measured decoding cost, in seconds per unit of work (image x beam x token).
+
+    Seeded by a warm-up batch at start (:meth:`ModelPool.warm_up`) and followed by a running mean of the
+    primary's batches, so deadlines grow with a slow machine or a big model instead of mistaking it for a
+    failing one. Unmeasured (``unit_s`` None), every budget is the configured floor."""
+
+    def __init__(self, slack: float = 4.0) -> None:
+        self.slack = slack
+        self.unit_s: float | None = None
+
+    @staticmethod
+    def units(images: int, options: DecodeOptions) -> int:
+        return max(1, images) * options.num_beams * options.max_length
+
+    def observe(self, images: int, options: DecodeOptions, seconds: float) -> None:
+        rate = seconds / self.units(images, options)
+        self.unit_s = rate if self.unit_s is None else 0.8 * self.unit_s + 0.2 * rate
+
+    def expected_s(self, images: int, options: DecodeOptions) -> float | None:
+        return None if self.unit_s is None else self.unit_s * self.units(images, options)
+
+    def budget(self, floor_s: float, images: int, options: DecodeOptions) -> float:
+        """``floor_s``, or ``slack`` times the expected time of ``images`` if that is longer."""
+        expected = self.expected_s(images, options)
+        return floor_s if expected is None else max(floor_s, self.slack * expected)
+
+    def batch_cap(self, max_batch: int, target_s: float, options: DecodeOptions) -> int:
+        """The largest batch (at most ``max_batch``) expected to take no more than ``target_s``."""
+        one = self.expected_s(1, options)
+        return max_batch if not one else max(1, min(max_batch, int(target_s / one)))
+
+
 class ModelPool:
     """Primary + fallback behind the library's :class:`CaptionPolicy`; ``caption_batch`` is the batcher's runner."""
 
@@ -159,6 +194,7 @@ class ModelPool:
             breaker=CircuitBreaker(breaker_failures, breaker_reset_s),
             observer=self._observer,
         )
+        self.cost = CostModel()
         # The policy blocks (it waits for the primary with a timeout): it runs here, off the event loop.
         self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="reefcap-policy")
         self._manifest_labels: list[tuple[str, ...]] = []
@@ -233,9 +269,36 @@ class ModelPool:
     # ---- inference ----------------------------------------------------------------------------
 
     async def caption_batch(self, images: list[Image.Image], options: DecodeOptions) -> list[Served]:
-        """One :class:`Served` per image, in order, from the primary where it can answer."""
+        """One :class:`Served` per image, in order, from the primary where it can answer.
+
+        The primary's timeout for this batch scales with its measured cost (:class:`CostModel`); a batch the
+        primary answered alone updates that measure."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._dispatch, self.policy.caption, images, options)
+        timeout = self.cost.budget(self.policy.primary_timeout_s or 0.0, len(images), options)
+        start = time.perf_counter()
+        served = await loop.run_in_executor(self._dispatch, self.policy.caption, images, options, timeout)
+        if all(s.fallback_reason is None for s in served):
+            self.cost.observe(len(images), options, time.perf_counter() - start)
+        return served
+
+    def warm_up(self, options: DecodeOptions, images: int = 2) -> float | None:
+        """Caption a synthetic batch on the primary twice (the first run pays one-time set-up) and seed the
+        cost model from the second; returns its seconds, or None with no primary or on a failure (logged)."""
+        if self.primary is None:
+            return None
+        rng = np.random.default_rng(0)
+        batch = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(images)]
+        try:
+            self.primary.engine.caption(batch[:1], options)
+            start = time.perf_counter()
+            self.primary.engine.caption(batch, options)
+        except Exception as exc:  # a primary that fails here will fail on requests too: the policy handles it
+            log.warning("warm-up batch on the primary failed: %s", exc)
+            return None
+        seconds = time.perf_counter() - start
+        self.cost.observe(images, options, seconds)
+        log.info("warm-up: %d images in %.3f s on the primary (%s)", images, seconds, self.primary.info.name)
+        return seconds
 
     def close(self) -> None:
         self.policy.close()
@@ -254,7 +317,7 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
         log.error("primary model %s not loaded: %s", settings.model, loaded.primary_error)
     if loaded.fallback_error and (loaded.primary or not log_if_any):
         log.error("fallback model %s not loaded: %s", settings.fallback, loaded.fallback_error)
-    return ModelPool(
+    pool = ModelPool(
         loaded.primary,
         loaded.fallback,
         metrics,
@@ -265,6 +328,10 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
         fallback_error=loaded.fallback_error,
         manifests=(checkpoint_manifest(settings.model), checkpoint_manifest(settings.fallback or "")),
     )
+    pool.cost.slack = settings.cost_slack
+    if settings.warm_up:
+        pool.warm_up(DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length))
+    return pool
 
 
 def engine_config(settings: ServerSettings) -> EngineConfig:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from reefcap.models.engine import DecodeOptions
+from reefcap.models.errors import InvalidOptionsError
 from reefcap.models.images import ImageLimits, load_image
 from reefcap.models.quality import uciqe, uiqm
 
@@ -77,18 +78,40 @@ class CaptionService:
             metrics=metrics,
         )
         self.default_options = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
+        # A model measured slow at start gets smaller batches: one batch of default requests is expected to
+        # take at most half the primary timeout, so no request waits behind a minutes-long batch.
+        self.batcher.max_batch_size = pool.cost.batch_cap(
+            settings.max_batch_size, settings.primary_timeout_s / 2, self.default_options
+        )
 
     def start(self) -> None:
         self.batcher.start()
 
-    async def close(self) -> None:
+    async def drain(self) -> None:
+        """Stop taking requests and finish the queued ones within ``drain_timeout_s`` (the rest get 503)."""
         await self.batcher.close(self.settings.drain_timeout_s)
+
+    async def close(self) -> None:
+        await self.drain()
         self.decoder.shutdown(wait=False)
         self.pool.close()
 
     def options(self, overrides: dict[str, Any] | None) -> DecodeOptions:
-        """The server defaults with the request's overrides; raises ValueError for invalid values."""
-        return self.default_options.merged(**(overrides or {})).validate()
+        """The server defaults with the request's overrides, checked against the loaded models' limits
+        (their text positions): :class:`InvalidOptionsError` (422) naming the limit, before anything queues."""
+        return self.pool.policy.check_options(self.default_options.merged(**(overrides or {})))
+
+    def check_cost(self, images: int, options: DecodeOptions) -> None:
+        """Refuse (422, naming the limit) a request whose decoding work, images x beams x max_length, is over
+        ``max_request_cost``: one client's request must not hold every other client's batches for seconds."""
+        cost = images * options.num_beams * options.max_length
+        limit = self.settings.max_request_cost
+        if cost > limit:
+            raise InvalidOptionsError(
+                f"request cost {cost} ({images} images x num_beams {options.num_beams} x max_length "
+                f"{options.max_length}) is over the server's limit of {limit} (REEFCAP_MAX_REQUEST_COST); "
+                "send fewer images per request or decode with fewer beams or tokens"
+            )
 
     async def caption(
         self,
@@ -98,8 +121,11 @@ class CaptionService:
         disconnected: asyncio.Future | None = None,
     ) -> list[dict[str, Any]]:
         """Caption every upload of one request; one result dict per upload, in order."""
+        self.check_cost(len(uploads), options)
         start = time.perf_counter()
-        deadline = time.monotonic() + self.settings.request_timeout_s
+        # The deadline follows the model's measured cost: never shorter than the queued work ahead needs.
+        timeout = self.pool.cost.budget(self.settings.request_timeout_s, self.batcher.depth + len(uploads), options)
+        deadline = time.monotonic() + timeout
         loop = asyncio.get_running_loop()
         decoded: list[DecodedUpload] = await asyncio.gather(
             *(loop.run_in_executor(self.decoder, decode_one, data, self.limits, i) for i, data in enumerate(uploads))
