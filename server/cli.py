@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
     from reefcap.models.policy import fallback_name
 
     from .app import create_app
+    from .feedback import FeedbackStore
     from .limits import run
     from .metrics import Metrics
     from .pool import build_pool
@@ -45,6 +46,9 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # pydantic ValidationError: name the bad setting on one line
         raise ReefcapError(f"invalid settings: {' '.join(str(exc).split())}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A feedback database that cannot be written stops the start with one line (exit 2), before any model loads:
+    # a server that answered ready while dropping every record would hide the fault.
+    FeedbackStore(settings.feedback_db).close()
     # Load before binding the port: with no model at all the command fails at once with one line.
     # The app reports to these same metrics (create_app takes them from the pool).
     pool = build_pool(settings, Metrics(), log_if_any=True)

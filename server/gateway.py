@@ -147,7 +147,10 @@ def _status_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
         return 503, "model_unavailable", retry
     if isinstance(exc, ReefcapError):
         # invalid_options: decoding options out of range (InvalidOptionsError), a 422.
-        return {"quality_gate": 409, "invalid_options": 422}.get(exc.code, 400), exc.code, {}
+        statuses = {"quality_gate": 409, "invalid_options": 422, "too_many_references": 409}
+        if exc.code == "feedback_unavailable":
+            return 503, exc.code, retry
+        return statuses.get(exc.code, 400), exc.code, {}
     # Anything else, a bare ValueError included, is a bug of ours, not the client's request: 500.
     return 500, "internal_error", {}
 

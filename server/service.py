@@ -67,6 +67,7 @@ class CaptionService:
         self.pool = pool
         self.metrics = metrics
         self.store = store
+        store.max_references = settings.feedback_max_references
         self.limits = settings.image_limits
         workers = settings.decode_workers or max(1, (os.cpu_count() or 1) // 2)
         self.decoder = ThreadPoolExecutor(workers, thread_name_prefix="reefcap-decode")
@@ -181,11 +182,12 @@ class CaptionService:
         m.uciqe.observe(d.uciqe)
 
     async def add_feedback(self, request_id: str, index: int, references: list[str]) -> dict[str, Any]:
-        """Store references and refresh the model's rolling BLEU-4/CIDEr (computed on a worker thread)."""
-        model = await asyncio.to_thread(self.store.add, request_id, index, references)
-        self.metrics.feedback.inc(len(references))
+        """Store references and update the model's rolling BLEU-4/CIDEr (bounded work, on a worker thread)."""
+        added = await asyncio.to_thread(self.store.add, request_id, index, references)
+        model = added["model"]
+        self.metrics.feedback.inc(added["stored"])
         scores = await asyncio.to_thread(self.store.rolling_scores, model, self.settings.feedback_window)
         for metric in ("Bleu_4", "CIDEr"):
             if metric in scores:
                 self.metrics.quality.labels(model, metric, "feedback", "rolling").set(scores[metric])
-        return {"model": model, "rolling": scores}
+        return {**added, "rolling": scores}
