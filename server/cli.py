@@ -22,6 +22,11 @@ FLAGS = [  # (flag, settings field, type, help)
     ("--feedback-db", "feedback_db", str, "SQLite file for served captions and feedback"),
     ("--reload-poll-s", "reload_poll_s", float, "watch the primary's folder every N s and hot-reload (0: off)"),
     ("--log-level", "log_level", str, "uvicorn log level"),
+    # Bounds on what one client can cost (issue 13 part B)
+    ("--max-request-cost", "max_request_cost", int, "largest images x num_beams x max_length per request"),
+    ("--max-connections", "max_connections", int, "open connections beyond which new ones are closed"),
+    ("--read-timeout-s", "read_timeout_s", float, "seconds a client has to send a request head, and its body"),
+    ("--drain-timeout-s", "drain_timeout_s", float, "on SIGTERM, seconds to finish queued work (then 503)"),
 ]
 
 
