@@ -86,25 +86,38 @@ class BodyLimits:
             message = f"{self.max_large_bodies} requests with bodies over {LARGE_BODY} bytes are already in flight"
             await error_response(503, "overloaded", message, retry)(scope, receive, send)
             return
-        deadline = asyncio.get_running_loop().time() + self.read_timeout_s
-        body_done = False
+        # One timer per request, not a wait_for per receive (that costs a task each): if the body is still
+        # incomplete when it fires, the request's task is cancelled inside receive() and answered 408.
+        no_body = not chunked and (length is None or length == b"0")
+        if no_body:  # a GET: nothing to time
+            await self.app(scope, receive, send)
+            return
+        task, state = asyncio.current_task(), {"body_done": False, "timed_out": False}
+
+        def expire() -> None:
+            if not state["body_done"] and task is not None:
+                state["timed_out"] = True
+                task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.read_timeout_s, expire)
 
         async def receive_timed() -> dict:
-            nonlocal body_done
-            if body_done:  # after the body, receive() waits for a disconnect: no deadline on that
-                return await receive()
-            remaining = deadline - asyncio.get_running_loop().time()
             try:
-                message = await asyncio.wait_for(receive(), max(remaining, 0.001))
-            except TimeoutError:
-                raise BodyTimeoutError(self.read_timeout_s) from None
-            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+                message = await receive()
+            except asyncio.CancelledError:
+                if state["timed_out"] and task is not None and task.uncancel() == 0:
+                    raise BodyTimeoutError(self.read_timeout_s) from None
+                raise
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["body_done"] = True
+                timer.cancel()
             return message
 
         self.large_in_flight += large
         try:
             await self.app(scope, receive_timed, send)
         finally:
+            timer.cancel()
             self.large_in_flight -= large
 
 
