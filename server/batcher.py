@@ -90,6 +90,11 @@ class DynamicBatcher(Generic[R]):
         """Images waiting for a batch (not counting the batch in flight)."""
         return len(self._queue)
 
+    @property
+    def in_flight(self) -> int:
+        """Images of the running batch not answered yet."""
+        return sum(1 for it in self._running if not it.future.done())
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="reefcap-batcher")
