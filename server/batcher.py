@@ -2,10 +2,12 @@
 
 Two knobs: ``max_batch_size`` and ``max_wait_s``, counted from the oldest queued image (so a lone request
 waits at most ``max_wait_s`` and a busy server forms full batches). Images asking for different decoding
-options never share a batch. The queue is bounded (full -> :class:`QueueFullError`, answered 503 with
-Retry-After), each request has a deadline (-> :class:`DeadlineExceededError`, 504), and the queued images
-of a request whose client went away are dropped before they cost any inference. ``close`` drains: it stops
-taking work, runs everything already queued and only then returns.
+options never share a batch; the cheapest options queued go first (until the oldest image has waited
+``starve_s``) and a batch holds at most ``max_batch_cost`` of decoding work, so one client's 16-beam requests
+cannot hold everyone else's default ones behind them. The queue is bounded (full -> :class:`QueueFullError`,
+answered 503 with Retry-After), each request has a deadline (-> :class:`DeadlineExceededError`, 504), and
+the queued images of a request whose client went away are dropped before they cost any inference. ``close``
+drains: it stops taking work, runs everything already queued and only then returns.
 """
 
 from __future__ import annotations
@@ -69,10 +71,15 @@ class DynamicBatcher(Generic[R]):
         max_wait_s: float = 0.01,
         max_queue: int = 256,
         metrics: Any = None,
+        max_batch_cost: int | None = None,
+        starve_s: float = 1.0,
     ) -> None:
+        """``max_batch_cost``: most decoding work per batch (images x beams x max_length; None: no cap);
+        ``starve_s``: how long the oldest image may wait while cheaper work goes first."""
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_wait_s >= 0")
         self.runner = runner
+        self.max_batch_cost, self.starve_s = max_batch_cost, starve_s
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -191,11 +198,26 @@ class DynamicBatcher(Generic[R]):
     def _compatible(self, options: DecodeOptions) -> int:
         return sum(1 for it in self._queue if it.options == options)
 
-    def _take(self, options: DecodeOptions) -> list[_Item]:
+    def _pick(self) -> DecodeOptions:
+        """The options of the next batch: the cheapest per image queued (first come among equals), so one
+        client's expensive decoding does not hold everyone's default requests; the oldest image's once it has
+        waited ``starve_s``, so expensive work still runs."""
+        oldest = self._queue[0]
+        if time.monotonic() - oldest.enqueued >= self.starve_s:
+            return oldest.options
+        return min((it.options for it in self._queue), key=lambda o: o.num_beams * o.max_length)
+
+    def _limit(self, options: DecodeOptions) -> int:
+        """Images per batch for ``options``: ``max_batch_size``, fewer where that would pass ``max_batch_cost``."""
+        if self.max_batch_cost is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self.max_batch_cost // (options.num_beams * options.max_length)))
+
+    def _take(self, options: DecodeOptions, limit: int) -> list[_Item]:
         batch: list[_Item] = []
         rest: collections.deque[_Item] = collections.deque()
         for item in self._queue:
-            if len(batch) < self.max_batch_size and item.options == options:
+            if len(batch) < limit and item.options == options:
                 batch.append(item)
             else:
                 rest.append(item)
@@ -211,14 +233,15 @@ class DynamicBatcher(Generic[R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            oldest = self._queue[0]
-            remaining = oldest.enqueued + self.max_wait_s - time.monotonic()
-            if remaining > 0 and not self._closing and self._compatible(oldest.options) < self.max_batch_size:
+            options = self._pick()
+            limit = self._limit(options)
+            remaining = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+            if remaining > 0 and not self._closing and self._compatible(options) < limit:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 continue
-            await self._run(self._take(oldest.options))
+            await self._run(self._take(options, limit))
 
     async def _run(self, batch: list[_Item]) -> None:
         now = time.monotonic()

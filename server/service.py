@@ -77,6 +77,9 @@ class CaptionService:
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue=settings.max_queue,
             metrics=metrics,
+            # A full batch of default requests is the most work one batch may hold: a request asking for more
+            # per image runs in smaller batches (its own cost), between other clients' batches.
+            max_batch_cost=settings.max_batch_size * settings.num_beams * settings.max_length,
         )
         self.default_options = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
         # A model measured slow at start gets smaller batches: one batch of default requests is expected to
@@ -155,6 +158,11 @@ class CaptionService:
                     "quality": {"uiqm": d.uiqm, "uciqe": d.uciqe},
                 }
             )
+        self._record(request_id, decoded, served)
+        return results
+
+    def _record(self, request_id: str, decoded: list[DecodedUpload], served: list[Served]) -> None:
+        """Queue the served images for feedback (the store writes behind)."""
         rows = [
             {
                 "idx": i,
@@ -169,11 +177,10 @@ class CaptionService:
             }
             for i, (d, s) in enumerate(zip(decoded, served, strict=True))
         ]
-        try:  # the caption is served even if the feedback record cannot be kept (the store writes behind)
+        try:  # the caption is served even if the feedback record cannot be kept
             self.store.record_served(request_id, rows)
         except Exception as exc:
             log.error("could not record request %s for feedback: %s", request_id, exc)
-        return results
 
     def _observe(self, d: DecodedUpload, s: Served) -> None:
         m = self.metrics
