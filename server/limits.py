@@ -3,10 +3,10 @@
 Three layers, each cheap on the hot path (a timer per connection, a counter per request):
 
 - :func:`bounded_protocol`: uvicorn's HTTP protocol with a connection cap (connections past
-  ``max_connections`` are closed as they are accepted, so file descriptors stay bounded) and a request-head
-  timeout (a connection whose next request head has not arrived ``read_timeout_s`` after it opened or after
-  its last response is closed: uvicorn itself closes only idle keep-alive connections, and a client trickling
-  one byte every few seconds resets that timer).
+  ``max_connections`` are closed as they are accepted, so file descriptors stay bounded), a request head of
+  at most :data:`MAX_HEAD_BYTES`, and a request-head timeout (a connection whose next request head has not
+  arrived ``read_timeout_s`` after it opened or after its last response is closed: uvicorn itself closes only
+  idle keep-alive connections, and a client trickling one byte every few seconds resets that timer).
 - :class:`BodyLimits`: ASGI middleware; a request's body must arrive within ``read_timeout_s`` (else 408
   ``body_timeout``), and at most ``max_large_bodies`` requests with a body over :data:`LARGE_BODY` are in
   flight at once (else 503 ``overloaded`` with Retry-After), so eight 58 MB JSON bodies cannot take half a
@@ -28,6 +28,7 @@ from .gateway import ApiError, error_response
 
 log = logging.getLogger("reefcap.server")
 LARGE_BODY = 1 << 20  # bytes; a caption request with one photo is far below this
+MAX_HEAD_BYTES = 64 << 10  # request line and headers
 
 
 def bounded_protocol(base: type, max_connections: int, read_timeout_s: float) -> type:
@@ -41,6 +42,15 @@ def bounded_protocol(base: type, max_connections: int, read_timeout_s: float) ->
                 transport.close()
                 return
             self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # Bytes that left the request head still incomplete are head bytes: bounded, as h11 bounds them
+            # (httptools, uvicorn's default parser, takes megabytes of header lines).
+            if self.cycle is self._head_cycle and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -57,6 +67,7 @@ def bounded_protocol(base: type, max_connections: int, read_timeout_s: float) ->
             if old is not None:
                 old.cancel()
             cycle = self.cycle  # a new request head replaces the cycle: then the head arrived in time
+            self._head_cycle, self._head_bytes = cycle, 0
             self._head_timer = self.loop.call_later(read_timeout_s, self._head_timeout, cycle)
 
         def _head_timeout(self, cycle: Any) -> None:

@@ -75,6 +75,24 @@ def test_trickling_request_heads_are_closed_and_connections_capped(server):
     assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200  # the server still serves
 
 
+def test_a_huge_request_head_is_cut_off(server):
+    # Before, uvicorn's default parser (httptools) took megabytes of header lines into memory.
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sent = 0
+    with contextlib.suppress(OSError):
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        for i in range(2000):
+            sock.sendall(b"X-Big-%d: " % i + b"a" * 1000 + b"\r\n")
+            sent += 1000
+        sock.sendall(b"\r\n")
+    answer = b""
+    with contextlib.suppress(OSError):
+        answer = sock.recv(100)
+    sock.close()
+    assert sent < 2_000_000 or not answer.startswith(b"HTTP/1.1 200"), "a 2 MB request head was served"
+    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
 def test_a_body_that_does_not_arrive_in_time_gets_a_json_408(server):
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
