@@ -1,10 +1,12 @@
 """Reference captions from users, kept durably in SQLite (WAL), scored and exported for training.
 
 Every captioned image is stored with its caption (``served``), newest ``retain`` kept, plus any image that
-has feedback (those are never pruned). ``POST /v1/feedback`` adds references for a served request id.
-Rolling BLEU-4 and CIDEr per model (:mod:`reefcap.models.metrics`, the numbers ``reefcap eval`` reports) are
-computed over the latest ``window`` images with references; ``export`` writes the images and references as a
-COCO-captions training set.
+has feedback (those are never pruned). ``POST /v1/feedback`` adds references for a served request id: each
+reference once per image, at most ``max_references`` per image. Rolling BLEU-4 and CIDEr per model
+(:mod:`reefcap.models.metrics`, the numbers ``reefcap eval`` reports) cover the ``window`` images that most
+recently got their first references, kept up to date incrementally (:mod:`reefcap.models.rolling`);
+``export`` writes the images and references as a COCO-captions training set. A database that cannot be
+opened or written raises :class:`FeedbackUnavailableError` when the store opens.
 """
 
 from __future__ import annotations
