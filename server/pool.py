@@ -310,7 +310,7 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
 
     With ``log_if_any`` load failures are logged only when some model loaded (the caller reports the rest).
     """
-    set_inference_threads(settings.inference_threads)
+    own_ort_threads = set_inference_threads(settings.inference_threads)
     config = engine_config(settings)
     loaded = load_models(settings.model, settings.fallback, lambda m: load_model(m, settings.backend, config))
     if loaded.primary_error and (loaded.fallback or not log_if_any):
@@ -330,8 +330,46 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
     )
     pool.cost.slack = settings.cost_slack
     if settings.warm_up:
-        pool.warm_up(DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length))
+        defaults = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
+        pool.warm_up(defaults)
+        if tune_threads(pool, settings.inference_threads, defaults, set_ort=own_ort_threads):
+            _reload_onnx_primary(pool, settings.model, config, defaults)
     return pool
+
+
+HEAVY_IMAGE_S = 0.1  # inference this slow per image dwarfs decoding and HTTP (about 3 ms an image)
+
+
+def tune_threads(pool: ModelPool, threads: int, options: DecodeOptions, set_ort: bool = True) -> bool:
+    """With ``threads`` 0 (automatic): when the warm-up measured a heavy model, give inference every core
+    instead of every core but one (the one kept for decoding and HTTP idles beside a model this slow).
+    Sets PyTorch's threads and (with ``set_ort``) the ONNX backend's for its next load; True when the
+    ONNX backend's changed."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    one = pool.cost.expected_s(1, options)
+    if threads or cores < 2 or one is None or one < HEAVY_IMAGE_S or torch.get_num_threads() >= cores:
+        return False
+    log.info("the primary takes %.2f s an image: inference gets all %d cores", one, cores)
+    torch.set_num_threads(cores)
+    if set_ort:
+        os.environ["REEFCAP_ORT_THREADS"] = str(cores)
+    return set_ort
+
+
+def _reload_onnx_primary(pool: ModelPool, model: str, config: EngineConfig, options: DecodeOptions) -> None:
+    """ONNX Runtime fixes a session's threads when it loads: load an ONNX primary again, and measure it again."""
+    if pool.primary is None or pool.primary.info.backend != "onnx":
+        return
+    try:
+        engine = load_model(model, "onnx", config)
+    except Exception as exc:  # keep serving with the threads it has
+        log.warning("could not reload the primary with more threads: %s", exc)
+        return
+    pool.swap_primary(engine, pool.primary.manifest)
+    pool.cost.unit_s = None
+    pool.warm_up(options)
 
 
 def engine_config(settings: ServerSettings) -> EngineConfig:
@@ -339,11 +377,14 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
     return EngineConfig(device=settings.device, dtype=settings.dtype, limits=settings.image_limits)
 
 
-def set_inference_threads(threads: int) -> None:
+def set_inference_threads(threads: int) -> bool:
     """Intra-op threads of PyTorch and (unless REEFCAP_ORT_THREADS says otherwise) of the ONNX backend:
-    ``threads``, or with 0 one per core minus one (at least one)."""
+    ``threads``, or with 0 one per core minus one (at least one). True when it set the ONNX backend's."""
     import torch
 
     n = threads or max(1, (os.cpu_count() or 1) - 1)
     torch.set_num_threads(n)
-    os.environ.setdefault("REEFCAP_ORT_THREADS", str(n))  # read by the onnx backend when it loads
+    if "REEFCAP_ORT_THREADS" in os.environ:  # the user's choice stands
+        return False
+    os.environ["REEFCAP_ORT_THREADS"] = str(n)  # read by the onnx backend when it loads
+    return True
