@@ -28,11 +28,14 @@ from reefcap.models.errors import ReefcapError
 from reefcap.models.policy import CaptionPolicy, CircuitBreaker, PolicyObserver, Served, load_models
 from reefcap.models.registry import resolve_model
 
+from .cost import CostModel
+
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .settings import ServerSettings
 
 __all__ = [
+    "CostModel",
     "ModelPool",
     "Served",
     "build_pool",
@@ -130,39 +133,6 @@ class MetricsObserver(PolicyObserver):
     def breaker(self, is_open: bool) -> None:
         if self.metrics is not None:
             self.metrics.breaker_open.set(1 if is_open else 0)
-
-
-class CostModel:
-    """The primary's measured decoding cost, in seconds per unit of work (image x beam x token).
-
-    Seeded by a warm-up batch at start (:meth:`ModelPool.warm_up`) and followed by a running mean of the
-    primary's batches, so deadlines grow with a slow machine or a big model instead of mistaking it for a
-    failing one. Unmeasured (``unit_s`` None), every budget is the configured floor."""
-
-    def __init__(self, slack: float = 4.0) -> None:
-        self.slack = slack
-        self.unit_s: float | None = None
-
-    @staticmethod
-    def units(images: int, options: DecodeOptions) -> int:
-        return max(1, images) * options.num_beams * options.max_length
-
-    def observe(self, images: int, options: DecodeOptions, seconds: float) -> None:
-        rate = seconds / self.units(images, options)
-        self.unit_s = rate if self.unit_s is None else 0.8 * self.unit_s + 0.2 * rate
-
-    def expected_s(self, images: int, options: DecodeOptions) -> float | None:
-        return None if self.unit_s is None else self.unit_s * self.units(images, options)
-
-    def budget(self, floor_s: float, images: int, options: DecodeOptions) -> float:
-        """``floor_s``, or ``slack`` times the expected time of ``images`` if that is longer."""
-        expected = self.expected_s(images, options)
-        return floor_s if expected is None else max(floor_s, self.slack * expected)
-
-    def batch_cap(self, max_batch: int, target_s: float, options: DecodeOptions) -> int:
-        """The largest batch (at most ``max_batch``) expected to take no more than ``target_s``."""
-        one = self.expected_s(1, options)
-        return max_batch if not one else max(1, min(max_batch, int(target_s / one)))
 
 
 class ModelPool:
@@ -359,17 +329,26 @@ def tune_threads(pool: ModelPool, threads: int, options: DecodeOptions, set_ort:
 
 
 def _reload_onnx_primary(pool: ModelPool, model: str, config: EngineConfig, options: DecodeOptions) -> None:
-    """ONNX Runtime fixes a session's threads when it loads: load an ONNX primary again, and measure it again."""
+    """ONNX Runtime fixes a session's threads when it loads: load an ONNX primary again and measure it; keep
+    whichever of the two measured faster (on a CPU shared with other work more threads can be slower)."""
     if pool.primary is None or pool.primary.info.backend != "onnx":
         return
+    old, before = pool.primary, pool.cost.unit_s
     try:
         engine = load_model(model, "onnx", config)
     except Exception as exc:  # keep serving with the threads it has
         log.warning("could not reload the primary with more threads: %s", exc)
         return
-    pool.swap_primary(engine, pool.primary.manifest)
+    pool.swap_primary(engine, old.manifest)
     pool.cost.unit_s = None
-    pool.warm_up(options)
+    if pool.warm_up(options) is not None and (before is None or (pool.cost.unit_s or before) < before):
+        old.engine.close()
+        return
+    log.info("the primary was no faster on every core: back to the threads it had")
+    os.environ["REEFCAP_ORT_THREADS"] = str(max(1, (os.cpu_count() or 1) - 1))  # for hot reloads too
+    pool.swap_primary(old.engine, old.manifest)
+    pool.cost.unit_s = before
+    engine.close()
 
 
 def engine_config(settings: ServerSettings) -> EngineConfig:
