@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from .admin import ReloadBody, admin_router
 from .feedback import FeedbackStore
 from .gateway import PUBLIC_PATHS, ApiError, Gateway, install_error_handlers
+from .limits import BodyLimits
 from .metrics import Metrics
 from .openapi import install_openapi
 from .pool import ModelPool, build_pool, engine_config
@@ -109,6 +110,7 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
     install_openapi(app, [*SCHEMA_MODELS, ReloadBody], bool(settings.api_key), PUBLIC_PATHS)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
+    app.add_middleware(BodyLimits, read_timeout_s=settings.read_timeout_s, max_large_bodies=settings.max_large_bodies)
     app.add_middleware(Gateway, settings=settings, metrics=metrics)
     return app
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -203,7 +204,10 @@ def _status_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
         return 503, "model_unavailable", retry
     if isinstance(exc, ReefcapError):
         # invalid_options: decoding options out of range (InvalidOptionsError), a 422.
-        return {"quality_gate": 409, "invalid_options": 422}.get(exc.code, 400), exc.code, {}
+        statuses = {"quality_gate": 409, "invalid_options": 422, "too_many_references": 409}
+        if exc.code == "feedback_unavailable":
+            return 503, exc.code, retry
+        return statuses.get(exc.code, 400), exc.code, {}
     # Anything else, a bare ValueError included, is a bug of ours, not the client's request: 500.
     return 500, "internal_error", {}
 
@@ -243,8 +247,30 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         app.add_exception_handler(family, _any)
 
 
+MAX_JSON_DEPTH = 32  # deeper than any request body needs; json.loads would recurse past Python's limit
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep in ``body`` (brackets in strings do not count).
+
+    Each pass deletes the innermost level of the brackets left: at most ``limit`` passes, each at C speed."""
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        brackets, removed = _INNERMOST.subn(b"", brackets)
+        if not brackets or not removed:
+            return False
+    return bool(brackets)
+
+
 def parse_json(body: bytes) -> Any:
+    # Counting openers is two C-speed passes; the depth is only worked out for bodies with many (never a
+    # caption request's). RecursionError is still caught: json.loads raises it past Python's own limit.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and too_deep(body):
+        raise ApiError(400, "invalid_json", f"JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ApiError(400, "invalid_json", f"body is not valid JSON ({exc})") from None

@@ -53,7 +53,7 @@ class CaptionsBody(BaseModel):
 class FeedbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: Text = Field(min_length=1, max_length=64)
-    index: int = Field(0, ge=0)
+    index: int = Field(0, ge=0, le=2**31 - 1)  # an image's place in its request: bounded before SQLite sees it
     references: list[Text] = Field(min_length=1, max_length=20)
 
 

@@ -123,3 +123,22 @@ class ServerSettings(BaseSettings):
     @property
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels, formats=tuple(self.formats))
+
+    # ---- Bounds on what one client can cost (issue 13 part B; one block, kept last) ----
+    # A request's decoding work: images x num_beams x max_length. 2048 takes 16 images at 3 beams and 40
+    # tokens; 16 images x 16 beams x 64 tokens (30x the default work) is refused with a 422 naming the limit.
+    max_request_cost: int = Field(2048, ge=1)
+    feedback_max_references: int = Field(20, ge=1)  # references kept per served image (posts beyond: 409)
+    # Open connections beyond which new ones get a 503 (uvicorn's limit_concurrency): file descriptors and the
+    # memory of bodies in flight stay bounded (at most this many x MAX_REQUEST_BYTES).
+    max_connections: int = Field(128, ge=1)
+    # A client must send its request head and body within this many seconds, and an idle keep-alive connection
+    # is closed after keep_alive_s: trickling clients cannot hold connections open.
+    read_timeout_s: float = Field(15.0, gt=0)
+    max_large_bodies: int = Field(4, ge=1)  # requests with bodies over 1 MiB in flight at once (beyond: 503)
+    keep_alive_s: float = Field(5.0, gt=0)
+    # With a measured model cost (a warm-up batch at start, then the running mean of primary batches), batch
+    # deadlines follow it: a primary batch gets max(PRIMARY_TIMEOUT_S, COST_SLACK x its expected time), a request
+    # max(REQUEST_TIMEOUT_S, COST_SLACK x the expected time of the work queued ahead of it and its own).
+    cost_slack: float = Field(4.0, ge=1)
+    warm_up: bool = True

@@ -49,7 +49,7 @@ def test_feedback_right_after_serving_finds_the_image_under_concurrent_load(tmp_
                 rid = f"c{k}-{i}"
                 store.record_served(rid, [_row()])
                 time.sleep(0.0002 * (i % 3))  # sometimes the writer takes the row first, sometimes the reader
-                assert store.add(rid, 0, ["a fish"]) == "m"  # no UnknownRequestError
+                assert store.add(rid, 0, ["a fish"])["model"] == "m"  # no UnknownRequestError
         except Exception as exc:  # surfaced below with its message
             errors.append(exc)
 

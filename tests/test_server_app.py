@@ -11,7 +11,15 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from server_helpers import collapsed_model, copy_model, corrupt_copy, metric, metric_or_zero, png_bytes
+from server_helpers import (
+    collapsed_model,
+    copy_model,
+    corrupt_copy,
+    metric,
+    metric_or_zero,
+    png_bytes,
+    unchecked_engine_class,
+)
 
 from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.factory import TinyConfig, init_tiny
@@ -25,6 +33,8 @@ from reefcap.server.settings import ServerSettings
 
 CPU = EngineConfig(device="cpu")
 
+SHORT = TinyConfig(max_positions=16)
+
 
 @pytest.fixture(scope="module")
 def engines(varied_model, tiny_model, tmp_path_factory):
@@ -34,8 +44,8 @@ def engines(varied_model, tiny_model, tmp_path_factory):
         "varied": TorchCaptionEngine.load(str(varied), CPU),
         "tiny": TorchCaptionEngine.load(str(tiny_model), CPU),
         "collapsed": TorchCaptionEngine.load(str(collapsed_model(tiny_model, root / "collapsed")), CPU),
-        # max 16 positions: the default max_length of 20 makes every generate call raise IndexError
-        "short": TorchCaptionEngine.load(str(init_tiny(root / "short", config=TinyConfig(max_positions=16))), CPU),
+        # max 16 positions, unchecked: the default max_length of 20 makes every generate call raise IndexError
+        "short": unchecked_engine_class().load(str(init_tiny(root / "short", config=SHORT)), CPU),
         "root": root,
     }
 
