@@ -3,7 +3,8 @@ degenerate-caption replacement, circuit breaker: :mod:`reefcap.models.policy`), 
 
 Each input yields one record, in input order: ``{"image", "caption", "model", "confidence", "fallback"}``
 (``fallback`` is the server's ``{"used", "reason"}``) or, for an input that cannot be decoded,
-``{"image", "error", "code"}``. A bad image never stops the run. Images are decoded on a thread pool one
+``{"image", "error", "code"}``; with ``quality`` a caption record also has the server's ``"quality": {"uiqm",
+"uciqe"}`` of the input. A bad image never stops the run. Images are decoded on a thread pool one
 batch ahead, so decoding overlaps the model's work on the previous batch.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 from reefcap.models.engine import CaptionEngine, DecodeOptions, require_positive
 from reefcap.models.errors import ImageError
 from reefcap.models.policy import CaptionPolicy, Served, as_policy
+from reefcap.models.quality import input_quality
 
 
 def default_workers() -> int:
@@ -58,25 +60,40 @@ class BatchCaptioner:
         batch_size: int = 16,
         options: DecodeOptions | None = None,
         workers: int | None = None,
+        quality: bool = False,
     ) -> None:
         self.policy = as_policy(engine)
+        self.quality = quality  # add each input's UIQM/UCIQE, measured on the decoding threads
         self.batch_size = require_positive("batch_size", batch_size)
         self.options = (options or DecodeOptions()).validate()
         self.workers = default_workers() if workers is None else require_positive("workers", workers)
 
     def _decode(self, name: str) -> Any:
+        """The decoded image (with its quality when asked for), or the ImageError to report for it."""
         try:
-            return self.policy.decode(name)
+            image = self.policy.decode(name)
         except ImageError as exc:
             return exc
+        if not self.quality:
+            return image, None
+        try:
+            return image, input_quality(image)
+        except ImageError:  # too small to measure (under 2 px a side): still captioned, quality unknown
+            return image, {"uiqm": None, "uciqe": None}
 
     def _caption(self, names: list[str], decoded: list[Any]) -> list[dict[str, Any]]:
-        good = [(n, im) for n, im in zip(names, decoded, strict=True) if not isinstance(im, ImageError)]
+        good = [(n, d[0]) for n, d in zip(names, decoded, strict=True) if not isinstance(d, ImageError)]
         captions = iter(self.policy.caption([im for _, im in good], self.options) if good else [])
-        return [
-            error_record(n, im) if isinstance(im, ImageError) else caption_record(n, next(captions))
-            for n, im in zip(names, decoded, strict=True)
-        ]
+        records = []
+        for n, d in zip(names, decoded, strict=True):
+            if isinstance(d, ImageError):
+                records.append(error_record(n, d))
+                continue
+            record = caption_record(n, next(captions))
+            if d[1] is not None:
+                record["quality"] = d[1]
+            records.append(record)
+        return records
 
     def run_batches(self, inputs: Iterable[str]) -> Iterator[list[dict[str, Any]]]:
         """Yield the records of each batch, in input order, as soon as the batch is captioned."""

@@ -26,13 +26,19 @@ def _checked(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from .inputs import InputError
 
-    if args.resume and not args.output:
-        raise InputError("--resume needs -o/--output: the results file to continue")
+    needs_output = (("--resume", args.resume), ("--coco-results", args.coco_results), ("--references", args.references))
+    for flag, value in needs_output:
+        if value and not args.output:  # these read the results back from the file: stdout alone is not enough
+            raise InputError(f"{flag} needs -o/--output: the results file it reads back")
     for flag, value in (("--batch-size", args.batch_size), ("--concurrency", args.concurrency)):
         require_positive(flag, value)
     for flag, value in (("--workers", args.workers), ("--ray-cpus", args.ray_cpus)):
         if value is not None:
             require_positive(flag, value)
+    if not args.progress_every >= 0:
+        raise InputError(f"--progress-every must be 0 seconds or more, got {args.progress_every}")
+    if args.quality and args.server:
+        raise InputError("--quality is for local and --ray runs; with --server use the server's own 'quality'")
     if not args.timeout > 0:
         raise InputError(f"--timeout must be more than 0 seconds, got {args.timeout}")
     options = DecodeOptions(num_beams=1 if args.greedy else args.beams, max_length=args.max_length).validate()
@@ -54,7 +60,16 @@ def _source(args: argparse.Namespace, options: Any, config: Any):
 
         address = None if args.ray == "local" else args.ray
         return lambda names: run_on_ray(
-            names, args.model, args.backend, address, args.batch_size, options, args.dtype, args.ray_cpus, fallback
+            names,
+            args.model,
+            args.backend,
+            address,
+            args.batch_size,
+            options,
+            args.dtype,
+            args.ray_cpus,
+            fallback,
+            quality=args.quality,
         )
     from reefcap.models.backends import load_engine
     from reefcap.models.policy import open_policy
@@ -63,26 +78,26 @@ def _source(args: argparse.Namespace, options: Any, config: Any):
 
     # The server's policy, offline: no primary timeout (a slow machine is not a failing model).
     policy = open_policy(args.model, fallback, lambda m: load_engine(m, backend=args.backend, config=config))
-    return BatchCaptioner(policy, args.batch_size, options, args.workers).run_batches
+    return BatchCaptioner(policy, args.batch_size, options, args.workers, quality=args.quality).run_batches
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .inputs import expand_inputs
+    from .progress import Progress
     from .results import ResultsWriter, read_results, write_coco_results
 
     options, config = _checked(args)
     inputs = expand_inputs(args.paths)
     writer = ResultsWriter(args.output, resume=args.resume, overwrite=args.overwrite) if args.output else None
     todo = [i.image for i in inputs if writer is None or i.image not in writer.done]
-    run = _source(args, options, config)
 
     counts = {"captioned": 0, "failed": 0}
     fallbacks: Counter[str] = Counter()  # images the fallback answered, by reason (every mode's lines say)
-    start = time.monotonic()
-    bar = tqdm(total=len(todo), unit="img", disable=args.quiet or None, file=sys.stderr, dynamic_ncols=True)
-    try:
+    bar = None
+    try:  # from here on the results file is locked: closed (and unlocked) however the run ends
+        run = _source(args, options, config)
+        start = time.monotonic()
+        bar = Progress(len(todo), quiet=args.quiet, every_s=args.progress_every)
         for records in run(todo):
             if writer is not None:
                 writer.write(records)
@@ -95,7 +110,8 @@ def _caption(args: argparse.Namespace) -> int:
             fallbacks.update(r["fallback"]["reason"] for r in records if (r.get("fallback") or {}).get("used"))
             bar.update(len(records))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if writer is not None:
             writer.close()
     elapsed = time.monotonic() - start
@@ -122,7 +138,9 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from reefcap.models.policy import DEFAULT_FALLBACK
+    from reefcap.models.policy import DEFAULT_FALLBACK, DEFAULT_PRIMARY
+
+    from .progress import DEFAULT_EVERY_S
 
     p = sub.add_parser(
         "caption",
@@ -141,7 +159,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument(
         "--ray", nargs="?", const="local", metavar="ADDRESS", help="run on Ray (a local instance if no address)"
     )
-    p.add_argument("--model", default="reefscenes-tiny-damf", help="bundled name, local HF directory or hub id")
+    p.add_argument(
+        "--model", default=DEFAULT_PRIMARY, help=f"bundled name, local directory or hub id (default: {DEFAULT_PRIMARY})"
+    )
     p.add_argument(
         "--fallback",
         default=DEFAULT_FALLBACK,
@@ -162,5 +182,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds with --server")
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    p.add_argument(
+        "--quality",
+        action="store_true",
+        help="add each input's UIQM and UCIQE ('quality', as the server reports them; costs a little speed)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary on stderr")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=DEFAULT_EVERY_S,
+        metavar="SECONDS",
+        help=f"off a terminal, a one-line JSON progress record at most this often (default {DEFAULT_EVERY_S:g})",
+    )
     p.set_defaults(handler=_caption)

@@ -20,7 +20,15 @@ class CaptionActor:
     """A Ray Data callable class: holds one engine, captions one batch of image paths per call."""
 
     def __init__(
-        self, model: str, backend: str, device: str, dtype: str, options: dict, threads: int, fallback: str | None
+        self,
+        model: str,
+        backend: str,
+        device: str,
+        dtype: str,
+        options: dict,
+        threads: int,
+        fallback: str | None,
+        quality: bool = False,
     ) -> None:
         import torch
 
@@ -33,7 +41,9 @@ class CaptionActor:
         torch.set_num_threads(max(1, threads))  # each actor owns its CPU slots; do not oversubscribe
         config = EngineConfig(device=device, dtype=dtype)
         policy = open_policy(model, fallback, lambda m: load_engine(m, backend=backend, config=config))
-        self.captioner = BatchCaptioner(policy, batch_size=1 << 30, options=DecodeOptions(**options), workers=threads)
+        self.captioner = BatchCaptioner(
+            policy, batch_size=1 << 30, options=DecodeOptions(**options), workers=threads, quality=quality
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         names = [str(n) for n in batch["image"]]
@@ -50,10 +60,12 @@ def run_on_ray(
     dtype: str = "fp32",
     num_cpus: int | None = None,
     fallback: str | None = None,
+    quality: bool = False,
 ) -> Iterator[list[dict[str, Any]]]:
     """Caption ``names`` on a Ray cluster (``address``) or a local instance; yield records per batch.
 
     ``fallback``: the model that answers where the primary fails or collapses (None: no fallback).
+    ``quality``: add each input's UIQM/UCIQE to its record, as local mode does.
 
     Batches arrive as actors finish them, not in input order; every input appears exactly once.
     """
@@ -92,6 +104,7 @@ def run_on_ray(
             options=asdict(options or DecodeOptions()),
             threads=per_actor,
             fallback=fallback,
+            quality=quality,
         )
         ds = ray.data.from_items([{"image": n} for n in names])
         ds = ds.map_batches(

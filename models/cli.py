@@ -39,10 +39,13 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from .policy import DEFAULT_FALLBACK, DEFAULT_PRIMARY
     from .registry import zoo_models
 
+    # The constants `reefcap serve` and `reefcap caption` default to, so the listing cannot drift from them.
+    roles = {DEFAULT_PRIMARY: "primary", DEFAULT_FALLBACK: "fallback"}
     for name, path in zoo_models().items():
-        print(json.dumps({"name": name, "path": str(path)}))
+        print(json.dumps({"name": name, "path": str(path), "default": roles.get(name)}))
     return 0
 
 
@@ -59,5 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--force", action="store_true", help="write into a non-empty directory")
     init.set_defaults(handler=_init)
 
-    lst = msub.add_parser("list", help="list the bundled models")
+    lst = msub.add_parser(
+        "list", help="list the bundled models; 'default' says which serve as the default primary and fallback"
+    )
     lst.set_defaults(handler=_list)

@@ -150,7 +150,40 @@ class CaptionEngine(abc.ABC):
     def describe(self) -> EngineInfo:
         """Name, version, backend, device and dtype of the loaded model."""
 
+    def text_positions(self) -> int | None:
+        """The text decoder's position embeddings (its ``max_position_embeddings``), or None when unknown.
+
+        Backends override this; a decoding length past it would fail inside the model, so
+        :meth:`check_options` refuses it first, as the request's fault rather than the model's."""
+        return None
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Decoder input length of ``prompt``: [DEC] plus its tokens (backends with a tokenizer override this)."""
+        return 1 + len(prompt.split())
+
     # ---- shared behaviour, not to be overridden ---------------------------------------------------
+
+    def check_options(self, options: DecodeOptions) -> DecodeOptions:
+        """``options`` validated, and checked against this model's text positions: :class:`InvalidOptionsError`
+        naming the limit when ``max_length`` (``min_length`` is at most that) or the prompt does not fit."""
+        options.validate()
+        limit = self.text_positions()
+        if limit is not None and options.max_length > limit:
+            raise InvalidOptionsError(
+                f"max_length {options.max_length} exceeds the model's {limit} text positions (max_length <= {limit})"
+            )
+        cache = self.__dict__.setdefault("_prompt_lengths", {})
+        n = cache.get(options.prompt)
+        if n is None:
+            n = self.prompt_tokens(options.prompt)
+            if len(cache) < 256:  # requests choose prompts: keep the memo bounded
+                cache[options.prompt] = n
+        if n >= options.max_length:
+            raise InvalidOptionsError(
+                f"the prompt takes {n} of max_length {options.max_length} tokens (prompt tokens < max_length"
+                + (f" <= {limit}, the model's text positions)" if limit is not None else ")")
+            )
+        return options
 
     @property
     def limits(self) -> ImageLimits:
@@ -162,7 +195,7 @@ class CaptionEngine(abc.ABC):
 
     def caption(self, images: Sequence[ImageSource], options: DecodeOptions | None = None) -> list[Caption]:
         """Caption already-valid inputs as one batch. Raises on the first undecodable image."""
-        options = (options or DecodeOptions()).validate()
+        options = self.check_options(options or DecodeOptions())
         if not images:
             return []
         decoded = [im if isinstance(im, Image.Image) and im.mode == "RGB" else self.decode(im) for im in images]

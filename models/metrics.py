@@ -60,34 +60,47 @@ def _ngrams(words: Sequence[str], n: int = 4) -> Counter:
     return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
-def bleu(refs: Mapping[Any, Sequence[str]], hyps: Mapping[Any, Sequence[str]], n: int = 4) -> list[float]:
-    """Corpus BLEU-1..n as pycocoevalcap computes it: clipped n-gram matches summed over the set, the reference
-    length closest to each hypothesis's (the shorter on a tie), and its smoothing constants."""
+def bleu_stats(refs: Sequence[str], hyp: str, n: int = 4) -> tuple[int, int, list[int], list[int]]:
+    """One image's share of corpus BLEU: (hypothesis length, chosen reference length, clipped matches per
+    order, hypothesis n-grams per order). Corpus BLEU sums these over images (:func:`bleu_from_stats`)."""
+    words = hyp.split()
+    max_ref: Counter = Counter()
+    lengths = []
+    for ref in refs:
+        ref_words = ref.split()
+        lengths.append(len(ref_words))
+        max_ref |= _ngrams(ref_words, n)  # per n-gram, the most any one reference has
+    correct = [0] * n
+    for gram, count in _ngrams(words, n).items():
+        correct[len(gram) - 1] += min(max_ref[gram], count)
+    ref_len = min((abs(length - len(words)), length) for length in lengths)[1]
+    return len(words), ref_len, correct, [max(0, len(words) - k) for k in range(n)]
+
+
+def bleu_from_stats(test_len: int, ref_len: int, correct: Sequence[int], guess: Sequence[int]) -> list[float]:
+    """Corpus BLEU-1..n from summed :func:`bleu_stats`, with pycocoevalcap's smoothing constants."""
     tiny, small = 1e-15, 1e-9  # pycocoevalcap's: a zero match count gives 0, never a division by zero
-    correct, guess = [0] * n, [0] * n
-    test_len = ref_len = 0
-    for key, (hyp,) in hyps.items():
-        words = hyp.split()
-        max_ref: Counter = Counter()
-        lengths = []
-        for ref in refs[key]:
-            ref_words = ref.split()
-            lengths.append(len(ref_words))
-            max_ref |= _ngrams(ref_words, n)  # per n-gram, the most any one reference has
-        test_len += len(words)
-        ref_len += min((abs(length - len(words)), length) for length in lengths)[1]
-        for gram, count in _ngrams(words, n).items():
-            correct[len(gram) - 1] += min(max_ref[gram], count)
-        for k in range(n):
-            guess[k] += max(0, len(words) - k)
     scores, product = [], 1.0
-    for k in range(n):
+    for k in range(len(correct)):
         product *= (correct[k] + tiny) / (guess[k] + small)
         scores.append(product ** (1.0 / (k + 1)))
     ratio = (test_len + tiny) / (ref_len + small)
     if ratio < 1:  # brevity penalty
         scores = [s * math.exp(1 - 1 / ratio) for s in scores]
     return scores
+
+
+def bleu(refs: Mapping[Any, Sequence[str]], hyps: Mapping[Any, Sequence[str]], n: int = 4) -> list[float]:
+    """Corpus BLEU-1..n as pycocoevalcap computes it: clipped n-gram matches summed over the set, the reference
+    length closest to each hypothesis's (the shorter on a tie), and its smoothing constants."""
+    correct, guess = [0] * n, [0] * n
+    test_len = ref_len = 0
+    for key, (hyp,) in hyps.items():
+        t, r, c, g = bleu_stats(refs[key], hyp, n)
+        test_len, ref_len = test_len + t, ref_len + r
+        correct = [a + b for a, b in zip(correct, c, strict=True)]
+        guess = [a + b for a, b in zip(guess, g, strict=True)]
+    return bleu_from_stats(test_len, ref_len, correct, guess)
 
 
 def _tfidf(counts: Counter, doc_freq: Counter, log_refs: float, n: int) -> tuple[list[dict], list[float], int]:
@@ -103,6 +116,24 @@ def _tfidf(counts: Counter, doc_freq: Counter, log_refs: float, n: int) -> tuple
     return vec, [math.sqrt(x) for x in norm], length
 
 
+def cider_image(
+    hyp: Counter, refs: Sequence[Counter], doc_freq: Counter, log_refs: float, n: int = 4, sigma: float = 6.0
+) -> float:
+    """One image's CIDEr-D (x10, as pycocoevalcap) from n-gram counts, given the set's document frequencies
+    and log of its image count; the set's CIDEr is the mean over its images."""
+    vec, norm, length = _tfidf(hyp, doc_freq, log_refs, n)
+    score = [0.0] * n
+    for counts in refs:
+        vec_r, norm_r, length_r = _tfidf(counts, doc_freq, log_refs, n)
+        penalty = math.e ** (-(float(length - length_r) ** 2) / (2 * sigma**2))
+        for k in range(n):
+            val = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec[k].items())
+            if norm[k] != 0 and norm_r[k] != 0:
+                val /= norm[k] * norm_r[k]
+            score[k] += val * penalty
+    return sum(score) / n / len(refs) * 10.0
+
+
 def cider(
     refs: Mapping[Any, Sequence[str]], hyps: Mapping[Any, Sequence[str]], n: int = 4, sigma: float = 6.0
 ) -> float:
@@ -114,19 +145,10 @@ def cider(
     if not hyps:
         return 0.0
     log_refs = math.log(float(len(hyps)))
-    total = 0.0
-    for key, (hyp,) in hyps.items():
-        vec, norm, length = _tfidf(_ngrams(hyp.split(), n), doc_freq, log_refs, n)
-        score = [0.0] * n
-        for counts in ref_counts[key]:
-            vec_r, norm_r, length_r = _tfidf(counts, doc_freq, log_refs, n)
-            penalty = math.e ** (-(float(length - length_r) ** 2) / (2 * sigma**2))
-            for k in range(n):
-                val = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec[k].items())
-                if norm[k] != 0 and norm_r[k] != 0:
-                    val /= norm[k] * norm_r[k]
-                score[k] += val * penalty
-        total += sum(score) / n / len(ref_counts[key]) * 10.0
+    total = sum(
+        cider_image(_ngrams(hyp.split(), n), ref_counts[key], doc_freq, log_refs, n, sigma)
+        for key, (hyp,) in hyps.items()
+    )
     return total / len(hyps)
 
 

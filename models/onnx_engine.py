@@ -202,6 +202,12 @@ class OnnxCaptionEngine(CaptionEngine):
         ids = self.tokenizer(prompt)["input_ids"]
         return [self.bos, *ids[1:-1]]  # [CLS] -> [DEC], trailing [SEP] dropped
 
+    def text_positions(self) -> int | None:
+        return self.manifest["decoder"].get("max_positions")
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.prompt_ids(prompt))
+
     def generate(self, batch: np.ndarray, options: DecodeOptions) -> list[Caption]:
         n = batch.shape[0]
         prompt = self.prompt_ids(options.prompt)

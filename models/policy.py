@@ -10,7 +10,9 @@ The rules, for one batch of images:
 - the circuit breaker is open: the fallback answers (``circuit_open``);
 - the primary still runs an overrun batch: the fallback answers rather than queue behind it (``primary_busy``);
 - the primary raises (``primary_error``) or overruns ``primary_timeout_s`` (``primary_timeout``): the whole
-  batch is retried on the fallback, and the failure counts towards the breaker;
+  batch is retried on the fallback, and the failure counts towards the breaker; options the loaded models
+  cannot decode with (a ``max_length`` past a model's text positions, say) are the request's fault: they
+  raise :class:`~reefcap.models.errors.InvalidOptionsError` before any model runs and count for nothing;
 - a degenerate primary caption (empty, or looping repetition: DAMF's decoding collapse, as
   :func:`reefcap.models.metrics.degenerate_reason` defines it): the fallback's caption for that image
   (``degenerate_empty`` / ``degenerate_repetition``).
@@ -35,13 +37,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Caption, CaptionEngine, DecodeOptions, EngineInfo
-from .errors import ModelLoadError, ModelNotFoundError, ReefcapError
+from .errors import InvalidOptionsError, ModelLoadError, ModelNotFoundError, ReefcapError
 from .images import ImageSource
 from .metrics import degenerate_reason
 
 log = logging.getLogger("reefcap.policy")
 
 # The server's defaults too (server/settings.py reads these), so offline and served answers agree.
+DEFAULT_PRIMARY = "reefscenes-tiny-damf"
 DEFAULT_FALLBACK = "reefscenes-tiny"
 DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_RESET_S = 30.0
@@ -192,15 +195,33 @@ class CaptionPolicy:
             raise ModelLoadError("no model is loaded")
         return lane.engine.decode(source, name)
 
-    def caption(self, images: Sequence[Any], options: DecodeOptions | None = None) -> list[Served]:
-        """One :class:`Served` per image, in order, from the primary where it can answer."""
-        images, options = list(images), options or DecodeOptions()
+    def check_options(self, options: DecodeOptions) -> DecodeOptions:
+        """``options`` if every loaded model can decode with them (either may answer a batch), else
+        :class:`InvalidOptionsError` naming the limit: the request's fault, never counted against a model."""
+        with self._lock:
+            lanes = [lane for lane in (self._primary, self._fallback) if lane is not None]
+        for lane in lanes:
+            lane.engine.check_options(options)
+        return options.validate()
+
+    def caption(
+        self, images: Sequence[Any], options: DecodeOptions | None = None, timeout_s: float | None = None
+    ) -> list[Served]:
+        """One :class:`Served` per image, in order, from the primary where it can answer.
+
+        ``timeout_s`` replaces ``primary_timeout_s`` for this batch (the server scales it with the batch's
+        cost). Options no loaded model can decode with raise :class:`InvalidOptionsError` before any model
+        runs, and count towards neither the breaker nor the fallbacks."""
+        images, options = list(images), self.check_options(options or DecodeOptions())
         with self._lock:
             primary, fallback = self._primary, self._fallback  # one consistent pair even if a reload swaps
         reason, error = self._route(primary)
         if reason is None:
+            timeout = self.primary_timeout_s if timeout_s is None or self.primary_timeout_s is None else timeout_s
             try:
-                captions = self._timed(primary, images, options, self.primary_timeout_s)
+                captions = self._timed(primary, images, options, timeout)
+            except InvalidOptionsError:
+                raise  # the request's own options: not a model fault
             except TimeoutError as exc:
                 reason, error = "primary_timeout", exc
             except Exception as exc:  # any engine failure sends the batch to the fallback

@@ -65,6 +65,9 @@ __all__ = [
     "to_rgb_array",
     "rgb_to_lab",
     "srgb_to_linear",
+    "QUALITY_SIDE",
+    "quality_copy",
+    "input_quality",
 ]
 
 
@@ -274,3 +277,34 @@ def channel_ratios(image: Any) -> dict[str, float]:
 def measure(image: Any) -> dict[str, float]:
     """Every measure of this module at once: UIQM and UCIQE (with their terms) and the channel ratios."""
     return {**uiqm_terms(image), **uciqe_terms(image), **channel_ratios(image)}
+
+
+# --- per input, as served ---------------------------------------------------------------------------------
+
+# Inputs are measured on a copy reduced by a whole factor (box filter) to at most this many pixels a side:
+# bounded cost (about 1 ms on this project's 2-core CI machine) whatever the image, and the same numbers from
+# the server (``quality`` in /v1/captions) and from ``reefcap caption --quality``.
+QUALITY_SIDE = 128
+
+
+def quality_copy(image: Any) -> Any:
+    """The PIL image reduced by the smallest whole factor that brings both sides to QUALITY_SIDE or less."""
+    factor = math.ceil(max(image.size) / QUALITY_SIDE)
+    return image.reduce(factor) if factor > 1 else image
+
+
+def input_quality(image: Any) -> dict[str, float | None]:
+    """``{"uiqm", "uciqe"}`` of a decoded RGB PIL image, rounded to 4 places, as the server reports them.
+
+    A measure is None for an image it cannot measure (1x1, or 10x2000 once reduced): quality is extra
+    information, so such an image is still captioned, never refused.
+    """
+    small = np.asarray(quality_copy(image))  # one uint8 array for both measures
+    return {"uiqm": _measured(uiqm, small), "uciqe": _measured(uciqe, small)}
+
+
+def _measured(measure: Any, pixels: np.ndarray) -> float | None:
+    try:
+        return round(measure(pixels), 4)
+    except ImageError:
+        return None

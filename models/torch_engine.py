@@ -129,6 +129,13 @@ class TorchCaptionEngine(CaptionEngine):
         means = (scores.masked_fill(~keep, 0.0).sum(dim=1) / counts).tolist()
         return [round(m, 6) for m in means], keep.sum(dim=1).tolist()
 
+    def text_positions(self) -> int | None:
+        return getattr(self.model.config.text_config, "max_position_embeddings", None)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        # [CLS] becomes [DEC] and the trailing [SEP] is dropped (see generate): the tokenizer's count minus one.
+        return len(self.processor.tokenizer(prompt)["input_ids"]) - 1 if prompt else 1
+
     def describe(self) -> EngineInfo:
         return EngineInfo(
             name=self.resolved.name,

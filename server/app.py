@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from .admin import ReloadBody, admin_router
 from .feedback import FeedbackStore
-from .gateway import ApiError, Gateway, install_error_handlers
+from .gateway import PUBLIC_PATHS, ApiError, Gateway, install_error_handlers
+from .limits import BodyLimits
 from .metrics import Metrics
+from .openapi import install_openapi
 from .pool import ModelPool, build_pool, engine_config
 from .reload import Reloader, gate_setup
-from .routes import router
+from .routes import SCHEMA_MODELS, router
 from .service import CaptionService
 from .settings import ServerSettings
 
-__all__ = ["Runtime", "build_pool", "create_app"]  # build_pool is the pool module's, kept importable here
+# build_pool is the pool module's, kept importable here
+__all__ = ["Runtime", "build_pool", "create_app", "exposure_warnings"]
 log = logging.getLogger("reefcap.server")
 
 
@@ -88,6 +93,8 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        for warning in exposure_warnings(settings):
+            log.warning("%s", warning)
         await runtime.start(pool)
         try:
             yield
@@ -98,7 +105,31 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
     app.state.metrics, app.state.settings, app.state.runtime = metrics, settings, runtime
     install_error_handlers(app, settings.retry_after_s)
     app.include_router(router)
+    if settings.admin_key:  # otherwise not mounted: answered as a missing route, and left out of the schema
+        app.include_router(admin_router)
+    install_openapi(app, [*SCHEMA_MODELS, ReloadBody], bool(settings.api_key), PUBLIC_PATHS)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
+    app.add_middleware(BodyLimits, read_timeout_s=settings.read_timeout_s, max_large_bodies=settings.max_large_bodies)
     app.add_middleware(Gateway, settings=settings, metrics=metrics)
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def exposure_warnings(settings: ServerSettings) -> list[str]:
+    """What start-up logs when the settings leave the server open to whoever reaches its port."""
+    if is_loopback(settings.host) or settings.api_key:
+        return []
+    return [
+        f"listening on {settings.host}:{settings.port}, which is not loopback, with no API key: anyone who "
+        "reaches this port can caption images and post feedback. Set REEFCAP_API_KEY (or --api-key)."
+    ]

@@ -2,10 +2,12 @@
 
 Two knobs: ``max_batch_size`` and ``max_wait_s``, counted from the oldest queued image (so a lone request
 waits at most ``max_wait_s`` and a busy server forms full batches). Images asking for different decoding
-options never share a batch. The queue is bounded (full -> :class:`QueueFullError`, answered 503 with
-Retry-After), each request has a deadline (-> :class:`DeadlineExceededError`, 504), and the queued images
-of a request whose client went away are dropped before they cost any inference. ``close`` drains: it stops
-taking work, runs everything already queued and only then returns.
+options never share a batch; the cheapest options queued go first (until the oldest image has waited
+``starve_s``) and a batch holds at most ``max_batch_cost`` of decoding work, so one client's 16-beam requests
+cannot hold everyone else's default ones behind them. The queue is bounded (full -> :class:`QueueFullError`,
+answered 503 with Retry-After), each request has a deadline (-> :class:`DeadlineExceededError`, 504), and
+the queued images of a request whose client went away are dropped before they cost any inference. ``close``
+drains: it stops taking work, runs everything already queued and only then returns.
 """
 
 from __future__ import annotations
@@ -69,10 +71,15 @@ class DynamicBatcher(Generic[R]):
         max_wait_s: float = 0.01,
         max_queue: int = 256,
         metrics: Any = None,
+        max_batch_cost: int | None = None,
+        starve_s: float = 1.0,
     ) -> None:
+        """``max_batch_cost``: most decoding work per batch (images x beams x max_length; None: no cap);
+        ``starve_s``: how long the oldest image may wait while cheaper work goes first."""
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_wait_s >= 0")
         self.runner = runner
+        self.max_batch_cost, self.starve_s = max_batch_cost, starve_s
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -81,12 +88,19 @@ class DynamicBatcher(Generic[R]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
+        self._drain: asyncio.Future | None = None
+        self._running: list[_Item] = []  # the batch in flight, failed too if the drain deadline passes
         self.batches_run = 0
 
     @property
     def depth(self) -> int:
         """Images waiting for a batch (not counting the batch in flight)."""
         return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Images of the running batch not answered yet."""
+        return sum(1 for it in self._running if not it.future.done())
 
     def start(self) -> None:
         if self._task is None:
@@ -131,19 +145,28 @@ class DynamicBatcher(Generic[R]):
         raise DeadlineExceededError(f"not captioned within the {timeout_s:g} s deadline")
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop taking work, finish everything queued (up to ``drain_timeout_s``), then stop the loop."""
+        """Stop taking work, finish everything queued (up to ``drain_timeout_s``, fractions honoured; 0 does
+        not wait), then stop the loop. Images still queued or running at the deadline fail with
+        :class:`ShuttingDownError` (a JSON 503 ``shutting_down``). Calling it again waits for the same drain."""
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._close(drain_timeout_s))
+        await asyncio.shield(self._drain)
+
+    async def _close(self, drain_timeout_s: float) -> None:
         self._closing = True
         self._wakeup.set()
         if self._task is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            await asyncio.wait_for(asyncio.shield(self._task), max(drain_timeout_s, 0.0))
         except TimeoutError:
             self._task.cancel()
-            for item in self._queue:
+            error = ShuttingDownError("the server shut down before this image was captioned")
+            for item in [*self._running, *self._queue]:
                 if not item.future.done():
-                    item.future.set_exception(ShuttingDownError("the server shut down before this image ran"))
+                    item.future.set_exception(error)
             self._queue.clear()
+            self._set_depth()
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -175,11 +198,26 @@ class DynamicBatcher(Generic[R]):
     def _compatible(self, options: DecodeOptions) -> int:
         return sum(1 for it in self._queue if it.options == options)
 
-    def _take(self, options: DecodeOptions) -> list[_Item]:
+    def _pick(self) -> DecodeOptions:
+        """The options of the next batch: the cheapest per image queued (first come among equals), so one
+        client's expensive decoding does not hold everyone's default requests; the oldest image's once it has
+        waited ``starve_s``, so expensive work still runs."""
+        oldest = self._queue[0]
+        if time.monotonic() - oldest.enqueued >= self.starve_s:
+            return oldest.options
+        return min((it.options for it in self._queue), key=lambda o: o.num_beams * o.max_length)
+
+    def _limit(self, options: DecodeOptions) -> int:
+        """Images per batch for ``options``: ``max_batch_size``, fewer where that would pass ``max_batch_cost``."""
+        if self.max_batch_cost is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self.max_batch_cost // (options.num_beams * options.max_length)))
+
+    def _take(self, options: DecodeOptions, limit: int) -> list[_Item]:
         batch: list[_Item] = []
         rest: collections.deque[_Item] = collections.deque()
         for item in self._queue:
-            if len(batch) < self.max_batch_size and item.options == options:
+            if len(batch) < limit and item.options == options:
                 batch.append(item)
             else:
                 rest.append(item)
@@ -195,14 +233,15 @@ class DynamicBatcher(Generic[R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            oldest = self._queue[0]
-            remaining = oldest.enqueued + self.max_wait_s - time.monotonic()
-            if remaining > 0 and not self._closing and self._compatible(oldest.options) < self.max_batch_size:
+            options = self._pick()
+            limit = self._limit(options)
+            remaining = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+            if remaining > 0 and not self._closing and self._compatible(options) < limit:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 continue
-            await self._run(self._take(oldest.options))
+            await self._run(self._take(options, limit))
 
     async def _run(self, batch: list[_Item]) -> None:
         now = time.monotonic()
@@ -213,6 +252,7 @@ class DynamicBatcher(Generic[R]):
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
         self.batches_run += 1
+        self._running = batch
         try:
             results = list(await self.runner([it.image for it in batch], batch[0].options))
             if len(results) != len(batch):

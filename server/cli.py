@@ -19,21 +19,27 @@ FLAGS = [  # (flag, settings field, type, help)
     ("--max-queue", "max_queue", int, "queued images beyond which requests get 503"),
     ("--request-timeout-s", "request_timeout_s", float, "per-request deadline (504 after it)"),
     ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (not on /, health and metrics)"),
+    ("--models-dir", "models_dir", str, "folder of models /v1/admin/reload may load by name (needs REEFCAP_ADMIN_KEY)"),
     ("--feedback-db", "feedback_db", str, "SQLite file for served captions and feedback"),
     ("--reload-poll-s", "reload_poll_s", float, "watch the primary's folder every N s and hot-reload (0: off)"),
     ("--log-level", "log_level", str, "uvicorn log level"),
+    # Bounds on what one client can cost (issue 13 part B)
+    ("--max-request-cost", "max_request_cost", int, "largest images x num_beams x max_length per request"),
+    ("--max-connections", "max_connections", int, "open connections beyond which new ones are closed"),
+    ("--read-timeout-s", "read_timeout_s", float, "seconds a client has to send a request head, and its body"),
+    ("--drain-timeout-s", "drain_timeout_s", float, "on SIGTERM, seconds to finish queued work (then 503)"),
 ]
 
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from reefcap.models.errors import ReefcapError
     from reefcap.models.policy import fallback_name
 
     from .app import create_app
+    from .feedback import FeedbackStore
+    from .limits import run
     from .metrics import Metrics
     from .pool import build_pool
     from .settings import ServerSettings
@@ -46,6 +52,9 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # pydantic ValidationError: name the bad setting on one line
         raise ReefcapError(f"invalid settings: {' '.join(str(exc).split())}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A feedback database that cannot be written stops the start with one line (exit 2), before any model loads:
+    # a server that answered ready while dropping every record would hide the fault.
+    FeedbackStore(settings.feedback_db).close()
     # Load before binding the port: with no model at all the command fails at once with one line.
     # The app reports to these same metrics (create_app takes them from the pool).
     pool = build_pool(settings, Metrics(), log_if_any=True)
@@ -55,14 +64,8 @@ def _serve(args: argparse.Namespace) -> int:
             f"no model could be loaded: primary {settings.model!r} ({pool.primary_error}); {fallback}. "
             "Pass --model DIR (e.g. one written by `reefcap model init --kind tiny --out DIR`)."
         )
-    app = create_app(settings, pool)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-    )
+    # limits.run: connection cap, read timeouts, and a drain that starts on SIGTERM (fractions of a second too).
+    run(create_app(settings, pool), settings)
     return 0
 
 

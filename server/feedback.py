@@ -1,10 +1,12 @@
 """Reference captions from users, kept durably in SQLite (WAL), scored and exported for training.
 
 Every captioned image is stored with its caption (``served``), newest ``retain`` kept, plus any image that
-has feedback (those are never pruned). ``POST /v1/feedback`` adds references for a served request id.
-Rolling BLEU-4 and CIDEr per model (:mod:`reefcap.models.metrics`, the numbers ``reefcap eval`` reports) are
-computed over the latest ``window`` images with references; ``export`` writes the images and references as a
-COCO-captions training set.
+has feedback (those are never pruned). ``POST /v1/feedback`` adds references for a served request id: each
+reference once per image, at most ``max_references`` per image. Rolling BLEU-4 and CIDEr per model
+(:mod:`reefcap.models.metrics`, the numbers ``reefcap eval`` reports) cover the ``window`` images that most
+recently got their first references, kept up to date incrementally (:mod:`reefcap.models.rolling`);
+``export`` writes the images and references as a COCO-captions training set. A database that cannot be
+opened or written raises :class:`FeedbackUnavailableError` when the store opens.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Any
 from PIL import Image
 
 from reefcap.models.errors import ReefcapError
-from reefcap.models.metrics import bleu4_cider
 from reefcap.models.records import SPLITS, stable_split
+from reefcap.models.rolling import RollingScores
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS served (
@@ -51,6 +53,18 @@ class UnknownRequestError(ReefcapError):
     code = "unknown_request"
 
 
+class TooManyReferencesError(ReefcapError):
+    """The post would take an image past the references it may keep (409)."""
+
+    code = "too_many_references"
+
+
+class FeedbackUnavailableError(ReefcapError):
+    """The feedback database cannot be opened or written (a one-line error at start, 503 later)."""
+
+    code = "feedback_unavailable"
+
+
 def stored_image(data: bytes, image: Image.Image) -> tuple[bytes, str]:
     """The bytes to keep for a served image and their file extension."""
     fmt = (Image.open(io.BytesIO(data)).format or "").upper() if data else ""
@@ -68,16 +82,19 @@ class FeedbackStore:
     writer thread commits everything queued in one transaction (group commit), so a busy server pays one
     commit per burst instead of one per request. Reads flush the queue first, and ``close`` drains it."""
 
-    def __init__(self, path: str | Path, retain: int = 20_000, max_pending_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, path: str | Path, retain: int = 20_000, max_pending_bytes: int = 64 << 20, max_references: int = 20
+    ) -> None:
+        """Open (creating if needed) the database at ``path``; :class:`FeedbackUnavailableError` (one line) when
+        it cannot be opened or written: a server that would drop every record must not start as ready."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.retain = retain
         self.max_pending_bytes = max_pending_bytes
+        self.max_references = max_references  # per served image
         self._lock = threading.Lock()  # the connection
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
-        self._db.executescript(SCHEMA)
+        self._db = _open_writable(self.path)
+        self._rolling: dict[str, RollingScores] = {}
+        self._rolling_lock = threading.Lock()
         self._inserts = 0
         self._pending: list[tuple] = []
         self._pending_bytes = 0
@@ -148,46 +165,81 @@ class FeedbackStore:
             (self.retain,),
         )
 
-    def add(self, request_id: str, idx: int, references: Sequence[str]) -> str:
-        """Store references for one served image; returns the model that captioned it."""
+    def add(self, request_id: str, idx: int, references: Sequence[str]) -> dict[str, Any]:
+        """Store references for one served image: ``{"model", "stored", "references"}`` (new ones stored, the
+        image's total). A reference the image already has is not stored again, so a retried post changes
+        nothing; past ``max_references`` per image the whole post is refused (:class:`TooManyReferencesError`)."""
+        if not 0 <= idx < 2**63:  # SQLite's integers
+            raise UnknownRequestError(f"no served image {idx} for request id {request_id!r}")
         self.flush()
-        with self._lock, self._db:
-            row = self._db.execute(
-                "SELECT model FROM served WHERE request_id = ? AND idx = ?", (request_id, idx)
-            ).fetchone()
-            if row is None:
-                raise UnknownRequestError(f"no served image {idx} for request id {request_id!r}")
-            now = time.time()
-            self._db.executemany(
-                "INSERT INTO feedback (request_id, idx, reference, created) VALUES (?,?,?,?)",
-                [(request_id, idx, ref, now) for ref in references],
-            )
-        return row[0]
+        try:
+            with self._lock, self._db:
+                model, caption, refs, new = self._insert(request_id, idx, references)
+        except sqlite3.Error as exc:
+            raise FeedbackUnavailableError(f"feedback database {self.path}: {exc}") from None
+        with self._rolling_lock:
+            rolling = self._rolling.get(model)
+            if rolling is not None and new:
+                rolling.update((request_id, idx), caption, refs)
+        return {"model": model, "stored": len(new), "references": len(refs)}
 
-    def pairs(self, model: str, window: int) -> list[tuple[str, list[str]]]:
-        """(served caption, references) for the latest ``window`` images of ``model`` with feedback."""
+    def _insert(self, request_id: str, idx: int, references: Sequence[str]) -> tuple[str, str, list[str], list[str]]:
+        row = self._db.execute(
+            "SELECT model, caption FROM served WHERE request_id = ? AND idx = ?", (request_id, idx)
+        ).fetchone()
+        if row is None:
+            raise UnknownRequestError(f"no served image {idx} for request id {request_id!r}")
+        have = [
+            r
+            for (r,) in self._db.execute(
+                "SELECT reference FROM feedback WHERE request_id = ? AND idx = ? ORDER BY id", (request_id, idx)
+            )
+        ]
+        new = [r for r in dict.fromkeys(references) if r not in set(have)]
+        if len(have) + len(new) > self.max_references:
+            raise TooManyReferencesError(
+                f"image {idx} of request {request_id!r} has {len(have)} references; {len(new)} more would pass "
+                f"the limit of {self.max_references} per image (REEFCAP_FEEDBACK_MAX_REFERENCES)"
+            )
+        now = time.time()
+        self._db.executemany(
+            "INSERT INTO feedback (request_id, idx, reference, created) VALUES (?,?,?,?)",
+            [(request_id, idx, ref, now) for ref in new],
+        )
+        return row[0], row[1], have + new, new
+
+    def pairs(self, model: str, window: int) -> list[tuple[tuple[str, int], str, list[str]]]:
+        """((request id, index), served caption, references) of the ``window`` images of ``model`` that most
+        recently got their first references, oldest first."""
         self.flush()
         with self._lock:
             rows = self._db.execute(
-                "SELECT s.request_id, s.idx, s.caption, f.reference FROM served s JOIN feedback f "
-                "ON f.request_id = s.request_id AND f.idx = s.idx WHERE s.model = ? ORDER BY s.created DESC",
-                (model,),
+                "WITH win AS (SELECT f.request_id, f.idx, min(f.id) AS first FROM feedback f JOIN served s "
+                "ON s.request_id = f.request_id AND s.idx = f.idx WHERE s.model = ? "
+                "GROUP BY f.request_id, f.idx ORDER BY first DESC LIMIT ?) "
+                "SELECT w.request_id, w.idx, s.caption, f.reference FROM win w "
+                "JOIN served s ON s.request_id = w.request_id AND s.idx = w.idx "
+                "JOIN feedback f ON f.request_id = w.request_id AND f.idx = w.idx ORDER BY w.first, f.id",
+                (model, window),
             ).fetchall()
         grouped: dict[tuple[str, int], tuple[str, list[str]]] = {}
         for rid, idx, caption, ref in rows:
-            if (rid, idx) not in grouped and len(grouped) >= window:
-                continue
             grouped.setdefault((rid, idx), (caption, []))[1].append(ref)
-        return list(grouped.values())
+        return [(key, caption, refs) for key, (caption, refs) in grouped.items()]
 
     def rolling_scores(self, model: str, window: int) -> dict[str, float]:
-        """BLEU-4 and CIDEr of the model's served captions against the references: the library's caption
-        metrics, tokenised and computed exactly as ``reefcap eval`` computes them."""
-        pairs = self.pairs(model, window)
-        if not pairs:
-            return {}
-        scores = bleu4_cider({i: c for i, (c, _) in enumerate(pairs)}, {i: refs for i, (_, refs) in enumerate(pairs)})
-        return {**scores, "images": float(len(pairs))}
+        """Rolling BLEU-4 and CIDEr of the model's served captions against their references (the library's
+        caption metrics, as ``reefcap eval`` computes them), kept up to date incrementally by :meth:`add`
+        (:class:`~reefcap.models.rolling.RollingScores`); read from the database on first use."""
+        with self._rolling_lock:
+            rolling = self._rolling.get(model)
+            if rolling is None or rolling.window != window:
+                rolling = RollingScores(window)
+                for key, caption, refs in self.pairs(model, window):
+                    rolling.update(key, caption, refs, rescore=False)
+                self._rolling[model] = rolling
+                return rolling.exact()
+            return rolling.scores()
 
     def models_with_feedback(self) -> list[str]:
         self.flush()
@@ -243,6 +295,28 @@ def image_split(image: bytes) -> str:
     """The export split of a served image, from the hash of its bytes (70/15/15 on average): a photo sent
     twice lands in one split, so a held-out image never leaks into training through a second request."""
     return stable_split(hashlib.sha256(image).hexdigest())
+
+
+def _open_writable(path: Path) -> sqlite3.Connection:
+    """The database at ``path`` with its schema, after a write probe; one-line error when that fails."""
+    db = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+        db.executescript(SCHEMA)
+        db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or directory
+        db.execute("CREATE TABLE reefcap_write_probe (x)")
+        db.execute("ROLLBACK")
+    except (OSError, sqlite3.Error) as exc:
+        if db is not None:
+            db.close()
+        raise FeedbackUnavailableError(
+            f"feedback database {path} cannot be opened for writing ({exc}); set --feedback-db or "
+            "REEFCAP_FEEDBACK_DB to a writable file"
+        ) from None
+    return db
 
 
 def open_store_readonly_check(path: str | Path) -> Path:

@@ -13,11 +13,13 @@ import asyncio
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
 from reefcap.models.backends import BACKENDS, engine_class, load_engine
@@ -26,11 +28,14 @@ from reefcap.models.errors import ReefcapError
 from reefcap.models.policy import CaptionPolicy, CircuitBreaker, PolicyObserver, Served, load_models
 from reefcap.models.registry import resolve_model
 
+from .cost import CostModel
+
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .settings import ServerSettings
 
 __all__ = [
+    "CostModel",
     "ModelPool",
     "Served",
     "build_pool",
@@ -159,6 +164,7 @@ class ModelPool:
             breaker=CircuitBreaker(breaker_failures, breaker_reset_s),
             observer=self._observer,
         )
+        self.cost = CostModel()
         # The policy blocks (it waits for the primary with a timeout): it runs here, off the event loop.
         self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="reefcap-policy")
         self._manifest_labels: list[tuple[str, ...]] = []
@@ -233,9 +239,36 @@ class ModelPool:
     # ---- inference ----------------------------------------------------------------------------
 
     async def caption_batch(self, images: list[Image.Image], options: DecodeOptions) -> list[Served]:
-        """One :class:`Served` per image, in order, from the primary where it can answer."""
+        """One :class:`Served` per image, in order, from the primary where it can answer.
+
+        The primary's timeout for this batch scales with its measured cost (:class:`CostModel`); a batch the
+        primary answered alone updates that measure."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._dispatch, self.policy.caption, images, options)
+        timeout = self.cost.budget(self.policy.primary_timeout_s or 0.0, len(images), options)
+        start = time.perf_counter()
+        served = await loop.run_in_executor(self._dispatch, self.policy.caption, images, options, timeout)
+        if all(s.fallback_reason is None for s in served):
+            self.cost.observe(len(images), options, time.perf_counter() - start)
+        return served
+
+    def warm_up(self, options: DecodeOptions, images: int = 2) -> float | None:
+        """Caption a synthetic batch on the primary twice (the first run pays one-time set-up) and seed the
+        cost model from the second; returns its seconds, or None with no primary or on a failure (logged)."""
+        if self.primary is None:
+            return None
+        rng = np.random.default_rng(0)
+        batch = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(images)]
+        try:
+            self.primary.engine.caption(batch[:1], options)
+            start = time.perf_counter()
+            self.primary.engine.caption(batch, options)
+        except Exception as exc:  # a primary that fails here will fail on requests too: the policy handles it
+            log.warning("warm-up batch on the primary failed: %s", exc)
+            return None
+        seconds = time.perf_counter() - start
+        self.cost.observe(images, options, seconds)
+        log.info("warm-up: %d images in %.3f s on the primary (%s)", images, seconds, self.primary.info.name)
+        return seconds
 
     def close(self) -> None:
         self.policy.close()
@@ -247,14 +280,14 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
 
     With ``log_if_any`` load failures are logged only when some model loaded (the caller reports the rest).
     """
-    set_inference_threads(settings.inference_threads)
+    own_ort_threads = set_inference_threads(settings.inference_threads)
     config = engine_config(settings)
     loaded = load_models(settings.model, settings.fallback, lambda m: load_model(m, settings.backend, config))
     if loaded.primary_error and (loaded.fallback or not log_if_any):
         log.error("primary model %s not loaded: %s", settings.model, loaded.primary_error)
     if loaded.fallback_error and (loaded.primary or not log_if_any):
         log.error("fallback model %s not loaded: %s", settings.fallback, loaded.fallback_error)
-    return ModelPool(
+    pool = ModelPool(
         loaded.primary,
         loaded.fallback,
         metrics,
@@ -265,6 +298,57 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
         fallback_error=loaded.fallback_error,
         manifests=(checkpoint_manifest(settings.model), checkpoint_manifest(settings.fallback or "")),
     )
+    pool.cost.slack = settings.cost_slack
+    if settings.warm_up:
+        defaults = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
+        pool.warm_up(defaults)
+        if tune_threads(pool, settings.inference_threads, defaults, set_ort=own_ort_threads):
+            _reload_onnx_primary(pool, settings.model, config, defaults)
+    return pool
+
+
+HEAVY_IMAGE_S = 0.1  # inference this slow per image dwarfs decoding and HTTP (about 3 ms an image)
+
+
+def tune_threads(pool: ModelPool, threads: int, options: DecodeOptions, set_ort: bool = True) -> bool:
+    """With ``threads`` 0 (automatic): when the warm-up measured a heavy model, give inference every core
+    instead of every core but one (the one kept for decoding and HTTP idles beside a model this slow).
+    Sets PyTorch's threads and (with ``set_ort``) the ONNX backend's for its next load; True when the
+    ONNX backend's changed."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    one = pool.cost.expected_s(1, options)
+    if threads or cores < 2 or one is None or one < HEAVY_IMAGE_S or torch.get_num_threads() >= cores:
+        return False
+    log.info("the primary takes %.2f s an image: inference gets all %d cores", one, cores)
+    torch.set_num_threads(cores)
+    if set_ort:
+        os.environ["REEFCAP_ORT_THREADS"] = str(cores)
+    return set_ort
+
+
+def _reload_onnx_primary(pool: ModelPool, model: str, config: EngineConfig, options: DecodeOptions) -> None:
+    """ONNX Runtime fixes a session's threads when it loads: load an ONNX primary again and measure it; keep
+    whichever of the two measured faster (on a CPU shared with other work more threads can be slower)."""
+    if pool.primary is None or pool.primary.info.backend != "onnx":
+        return
+    old, before = pool.primary, pool.cost.unit_s
+    try:
+        engine = load_model(model, "onnx", config)
+    except Exception as exc:  # keep serving with the threads it has
+        log.warning("could not reload the primary with more threads: %s", exc)
+        return
+    pool.swap_primary(engine, old.manifest)
+    pool.cost.unit_s = None
+    if pool.warm_up(options) is not None and (before is None or (pool.cost.unit_s or before) < before):
+        old.engine.close()
+        return
+    log.info("the primary was no faster on every core: back to the threads it had")
+    os.environ["REEFCAP_ORT_THREADS"] = str(max(1, (os.cpu_count() or 1) - 1))  # for hot reloads too
+    pool.swap_primary(old.engine, old.manifest)
+    pool.cost.unit_s = before
+    engine.close()
 
 
 def engine_config(settings: ServerSettings) -> EngineConfig:
@@ -272,11 +356,14 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
     return EngineConfig(device=settings.device, dtype=settings.dtype, limits=settings.image_limits)
 
 
-def set_inference_threads(threads: int) -> None:
+def set_inference_threads(threads: int) -> bool:
     """Intra-op threads of PyTorch and (unless REEFCAP_ORT_THREADS says otherwise) of the ONNX backend:
-    ``threads``, or with 0 one per core minus one (at least one)."""
+    ``threads``, or with 0 one per core minus one (at least one). True when it set the ONNX backend's."""
     import torch
 
     n = threads or max(1, (os.cpu_count() or 1) - 1)
     torch.set_num_threads(n)
-    os.environ.setdefault("REEFCAP_ORT_THREADS", str(n))  # read by the onnx backend when it loads
+    if "REEFCAP_ORT_THREADS" in os.environ:  # the user's choice stands
+        return False
+    os.environ["REEFCAP_ORT_THREADS"] = str(n)  # read by the onnx backend when it loads
+    return True

@@ -4,19 +4,19 @@ app's :class:`~reefcap.server.app.Runtime` holds, and formats the answer. No cap
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from typing import Any, get_type_hints
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from reefcap.models.engine import DecodeOptions
-from reefcap.models.errors import ModelLoadError, ModelNotFoundError
 
+from .admin import public_info
+from .bodies import JSON, MULTIPART, Text, b64_image, media_type, multipart_parts, parse_body_json, validated
 from .gateway import ApiError, parse_json
+from .openapi import errors, json_body, request_body
 from .page import PAGE
 
 router = APIRouter()
@@ -27,9 +27,10 @@ def _options_model() -> type[BaseModel]:
     default). Built from the dataclass so a decoding option is declared once; ``DecodeOptions.validate`` checks
     the ranges. Only the prompt gets a bound of its own here, on the size of what a client may send."""
     bounds = {"prompt": {"max_length": 200}}
-    fields = {
-        name: (hint | None, Field(None, **bounds.get(name, {}))) for name, hint in get_type_hints(DecodeOptions).items()
-    }
+    fields = {}
+    for name, hint in get_type_hints(DecodeOptions).items():
+        hint = Text if hint is str else hint  # a lone surrogate is the client's error, not the tokenizer's
+        fields[name] = (hint | None, Field(None, **bounds.get(name, {})))
     return create_model("Options", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -38,10 +39,12 @@ Options = _options_model()
 
 class ImagePart(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    data: str
+    data: str = Field(description="the image file's bytes in base64 (a data: URL too)")
 
 
 class CaptionsBody(BaseModel):
+    """``POST /v1/captions`` as JSON."""
+
     model_config = ConfigDict(extra="forbid")
     images: list[ImagePart]
     options: Options | None = None
@@ -49,31 +52,44 @@ class CaptionsBody(BaseModel):
 
 class FeedbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    request_id: str = Field(min_length=1, max_length=64)
-    index: int = Field(0, ge=0)
-    references: list[str] = Field(min_length=1, max_length=20)
+    request_id: Text = Field(min_length=1, max_length=64)
+    index: int = Field(0, ge=0, le=2**31 - 1)  # an image's place in its request: bounded before SQLite sees it
+    references: list[Text] = Field(min_length=1, max_length=20)
 
 
-class ReloadBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
+class HFBody(BaseModel):
+    """``POST /v1/image-to-text`` as JSON, the Hugging Face Inference API's shape."""
+
+    inputs: str = Field(description="the image file's bytes in base64")
+    parameters: dict[str, Any] | None = None
 
 
-def _validated(model: type[BaseModel], raw: Any) -> Any:
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
-        raise ApiError(422, "invalid_request", "; ".join(parts)) from None
-
-
-def _b64(data: str, index: int) -> bytes:
-    if data.startswith("data:"):  # a data URL from a browser: keep what follows the comma
-        data = data.partition(",")[2]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "invalid_base64", f"image {index}: data is not valid base64") from None
+# The request bodies the caption routes read themselves, for the OpenAPI schema (openapi.py).
+CAPTION_BODIES = request_body(
+    {
+        MULTIPART: {
+            "schema": {
+                "type": "object",
+                "required": ["images"],
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "options": {"type": "string", "description": "JSON object of decoding options (Options)"},
+                },
+            },
+            "encoding": {"options": {"contentType": "application/json, text/plain"}},
+        },
+        JSON: {"schema": {"$ref": "#/components/schemas/CaptionsBody"}},
+    }
+)
+IMAGE_BODIES = request_body(
+    {
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        JSON: {"schema": {"$ref": "#/components/schemas/HFBody"}},
+    }
+)
+SCHEMA_MODELS: list[type[BaseModel]] = [CaptionsBody, HFBody, FeedbackBody]
+CAPTION_ERRORS = errors(400, 401, 405, 413, 415, 422, 499, 500, 503, 504)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -101,23 +117,27 @@ async def _run(request: Request, uploads: list[bytes], options: dict[str, Any] |
 
 async def _caption_request(request: Request) -> tuple[list[bytes], dict[str, Any] | None]:
     """The uploads and decoding options of a multipart or JSON ``/v1/captions`` request."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
+    ctype = media_type(request.headers.get("content-type"))
+    if ctype == MULTIPART:
         limit = request.app.state.settings.max_images_per_request
         form = await request.form(max_files=limit + 1, max_part_size=request.app.state.settings.max_image_bytes)
-        uploads = [await f.read() for f in form.getlist("images") if hasattr(f, "read")]
+        uploads, raw_options = await multipart_parts(form)
         options = None
-        if isinstance(form.get("options"), str):
-            options = _validated(Options, parse_json(form["options"].encode())).model_dump(exclude_none=True)
+        if raw_options is not None:
+            options = validated(Options, parse_json(raw_options)).model_dump(exclude_none=True)
         return uploads, options
-    if ctype.startswith("application/json"):
+    if ctype == JSON:
         raw = parse_json(await request.body())
-        if isinstance(raw, dict) and any(isinstance(i, dict) and "url" in i for i in raw.get("images") or []):
+        if isinstance(raw, dict) and any(isinstance(i, dict) and "url" in i for i in _as_list(raw.get("images"))):
             raise ApiError(400, "urls_not_supported", "the server never fetches image URLs; send the bytes")
-        body = _validated(CaptionsBody, raw)
-        uploads = [_b64(part.data, i) for i, part in enumerate(body.images)]
+        body = validated(CaptionsBody, raw)
+        uploads = [b64_image(part.data, i) for i, part in enumerate(body.images)]
         return uploads, body.options.model_dump(exclude_none=True) if body.options else None
-    raise ApiError(415, "unsupported_media_type", "send multipart/form-data with 'images' parts, or JSON")
+    raise ApiError(415, "unsupported_media_type", f"send {MULTIPART} with 'images' parts, or {JSON}")
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else []
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -125,18 +145,31 @@ async def page() -> HTMLResponse:
     return HTMLResponse(PAGE)
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=errors(405, 500))
 async def healthz() -> dict[str, str]:
+    """Alive (answers whether or not a model is loaded)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={**errors(405, 500), 503: {"description": "not ready: no model can answer yet"}})
 async def readyz(request: Request) -> JSONResponse:
+    """Ready to caption: ``status`` is ``ok`` (the primary serves) or ``degraded`` (only the fallback can, or the
+    circuit breaker is open); ``serving`` says which model answers. No paths: anyone may ask."""
     runtime = request.app.state.runtime
     if runtime.service is None:
-        return JSONResponse({"ready": False, "serving": "none", "reason": "loading models"}, status_code=503)
-    body = runtime.service.pool.status()
-    ok = body["ready"] and not runtime.closing
+        body = {"ready": False, "status": "loading", "serving": "none", "reason": "loading models"}
+        return JSONResponse(body, status_code=503)
+    pool = runtime.service.pool.status()
+    ok = pool["ready"] and not runtime.closing
+    degraded = pool["serving"] != "primary" or pool["circuit_open"]
+    body = {
+        "ready": ok,
+        "status": ("degraded" if degraded else "ok") if ok else ("shutting_down" if runtime.closing else "down"),
+        "serving": pool["serving"],
+        "primary": public_info(pool["primary"]),
+        "fallback": public_info(pool["fallback"]),
+        "circuit_open": pool["circuit_open"],
+    }
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -145,47 +178,46 @@ async def prometheus(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(401, 405, 500, 503))
 async def models(request: Request) -> dict[str, Any]:
-    return {"models": request.app.state.runtime.ready_service().pool.models()}
+    """The loaded models (role, name, version, backend, device, dtype) with their manifest metrics."""
+    listed = request.app.state.runtime.ready_service().pool.models()
+    return {"models": [public_info(m) for m in listed]}
 
 
-@router.post("/v1/captions")
+@router.post("/v1/captions", openapi_extra=CAPTION_BODIES, responses=CAPTION_ERRORS)
 async def captions(request: Request) -> dict[str, Any]:
+    """Caption up to ``max_images_per_request`` images, sent as multipart ``images`` files (with an optional
+    ``options`` part of JSON, as a field or a file) or as JSON (:class:`CaptionsBody`)."""
     uploads, options = await _caption_request(request)
     results = await _run(request, uploads, options)
     return {"request_id": request.state.request_id, "results": results}
 
 
-@router.post("/v1/image-to-text")
+@router.post("/v1/image-to-text", openapi_extra=IMAGE_BODIES, responses=CAPTION_ERRORS)
 async def image_to_text(request: Request) -> list[dict[str, str]]:
     """Hugging Face Inference API shape: raw image bytes in, ``[{"generated_text": ...}]`` out."""
     body = await request.body()
-    if request.headers.get("content-type", "").startswith("application/json"):
+    if media_type(request.headers.get("content-type")) == JSON:
         raw = parse_json(body)  # the HF client sends {"inputs": base64, "parameters": {...}} with parameters
         if not isinstance(raw, dict) or not isinstance(raw.get("inputs"), str):
             raise ApiError(400, "invalid_request", 'JSON body must be {"inputs": "<base64 image>"}')
-        body = _b64(raw["inputs"], 0)
+        body = b64_image(raw["inputs"], 0)
     results = await _run(request, [body], None)
     return [{"generated_text": results[0]["caption"]}]
 
 
-@router.post("/v1/feedback")
-async def feedback(request: Request, body: FeedbackBody) -> dict[str, Any]:
+@router.post(
+    "/v1/feedback",
+    openapi_extra=json_body("FeedbackBody"),
+    responses=errors(400, 401, 404, 405, 413, 415, 422, 500, 503),
+)
+async def feedback(request: Request) -> dict[str, Any]:
+    """Reference captions for a served image (``request_id`` and ``index`` from its caption answer)."""
+    raw = await request.body()
+    body = validated(FeedbackBody, parse_body_json(request.headers.get("content-type"), raw))
     refs = [" ".join(r.split()) for r in body.references]
     if not all(refs) or any(len(r) > 500 for r in refs):
         raise ApiError(400, "invalid_references", "references must be non-empty and at most 500 characters")
     result = await request.app.state.runtime.ready_service().add_feedback(body.request_id, body.index, refs)
     return {"request_id": body.request_id, "index": body.index, "stored": len(refs), **result}
-
-
-@router.post("/v1/admin/reload")
-async def reload(request: Request) -> dict[str, Any]:
-    runtime = request.app.state.runtime
-    runtime.ready_service()
-    raw = await request.body()
-    body = _validated(ReloadBody, parse_json(raw)) if raw.strip() else ReloadBody()
-    try:
-        return await runtime.reloader.reload(body.model)
-    except (ModelLoadError, ModelNotFoundError) as exc:  # the candidate is broken; the server is fine
-        raise ApiError(422, exc.code, str(exc)) from None

@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from reefcap.models.engine import DecodeOptions
+from reefcap.models.errors import InvalidOptionsError
 from reefcap.models.images import ImageLimits, load_image
-from reefcap.models.quality import uciqe, uiqm
+from reefcap.models.quality import input_quality
 
 from .batcher import DeadlineExceededError, DynamicBatcher
 from .feedback import FeedbackStore, stored_image
@@ -28,9 +27,6 @@ from .pool import ModelPool, Served
 from .settings import ServerSettings
 
 log = logging.getLogger("reefcap.server")
-# UIQM/UCIQE are measured on a copy reduced by a whole factor (box filter) to at most this many pixels a side:
-# bounded cost (about 1 ms on this project's 2-core CI machine) whatever the upload.
-QUALITY_SIDE = 128
 
 
 @dataclass
@@ -40,22 +36,16 @@ class DecodedUpload:
     image: Image.Image
     stored: bytes
     ext: str
-    uiqm: float
-    uciqe: float
-
-
-def quality_copy(image: Image.Image) -> Image.Image:
-    """The image reduced by the smallest whole factor that brings both sides to QUALITY_SIDE or less."""
-    factor = math.ceil(max(image.size) / QUALITY_SIDE)
-    return image.reduce(factor) if factor > 1 else image
+    uiqm: float | None  # None: too small to measure (the caption is served all the same)
+    uciqe: float | None
 
 
 def decode_one(data: bytes, limits: ImageLimits, index: int) -> DecodedUpload:
     """Decode and measure one upload (runs on a decoding thread). Raises a typed ImageError."""
     image = load_image(data, limits, name=f"image {index}")
-    small = np.asarray(quality_copy(image))  # one uint8 array for both measures
+    quality = input_quality(image)  # the library's, so `reefcap caption --quality` gives the same numbers
     stored, ext = stored_image(data, image)
-    return DecodedUpload(image, stored, ext, round(uiqm(small), 4), round(uciqe(small), 4))
+    return DecodedUpload(image, stored, ext, quality["uiqm"], quality["uciqe"])
 
 
 class CaptionService:
@@ -66,6 +56,7 @@ class CaptionService:
         self.pool = pool
         self.metrics = metrics
         self.store = store
+        store.max_references = settings.feedback_max_references
         self.limits = settings.image_limits
         workers = settings.decode_workers or max(1, (os.cpu_count() or 1) // 2)
         self.decoder = ThreadPoolExecutor(workers, thread_name_prefix="reefcap-decode")
@@ -75,20 +66,61 @@ class CaptionService:
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue=settings.max_queue,
             metrics=metrics,
+            # A full batch of default requests is the most work one batch may hold: a request asking for more
+            # per image runs in smaller batches (its own cost), between other clients' batches.
+            max_batch_cost=settings.max_batch_size * settings.num_beams * settings.max_length,
         )
         self.default_options = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
+        # A model measured slow at start gets smaller batches: one batch of default requests is expected to
+        # fit in the configured primary timeout, so no request waits behind a minutes-long batch (smaller
+        # still would cost throughput: a blip-base-shape cut to batches of one was 2x slower under load).
+        self.batcher.max_batch_size = pool.cost.batch_cap(
+            settings.max_batch_size, settings.primary_timeout_s, self.default_options
+        )
 
     def start(self) -> None:
         self.batcher.start()
+        self._publish_stored_scores()
+
+    def _publish_stored_scores(self) -> None:
+        """Export the rolling scores the feedback database already holds, so /metrics (and the web page) show
+        them from the start rather than only after the next feedback post. Milliseconds per model."""
+        try:
+            for model in self.store.models_with_feedback():
+                self._set_rolling(model, self.store.rolling_scores(model, self.settings.feedback_window))
+        except Exception as exc:  # a damaged database must not keep the server from serving
+            log.error("could not read the rolling scores from the feedback database: %s", exc)
+
+    def _set_rolling(self, model: str, scores: dict[str, float]) -> None:
+        for metric in ("Bleu_4", "CIDEr"):
+            if metric in scores:
+                self.metrics.quality.labels(model, metric, "feedback", "rolling").set(scores[metric])
+
+    async def drain(self) -> None:
+        """Stop taking requests and finish the queued ones within ``drain_timeout_s`` (the rest get 503)."""
+        await self.batcher.close(self.settings.drain_timeout_s)
 
     async def close(self) -> None:
-        await self.batcher.close(self.settings.drain_timeout_s)
+        await self.drain()
         self.decoder.shutdown(wait=False)
         self.pool.close()
 
     def options(self, overrides: dict[str, Any] | None) -> DecodeOptions:
-        """The server defaults with the request's overrides; raises ValueError for invalid values."""
-        return self.default_options.merged(**(overrides or {})).validate()
+        """The server defaults with the request's overrides, checked against the loaded models' limits
+        (their text positions): :class:`InvalidOptionsError` (422) naming the limit, before anything queues."""
+        return self.pool.policy.check_options(self.default_options.merged(**(overrides or {})))
+
+    def check_cost(self, images: int, options: DecodeOptions) -> None:
+        """Refuse (422, naming the limit) a request whose decoding work, images x beams x max_length, is over
+        ``max_request_cost``: one client's request must not hold every other client's batches for seconds."""
+        cost = images * options.num_beams * options.max_length
+        limit = self.settings.max_request_cost
+        if cost > limit:
+            raise InvalidOptionsError(
+                f"request cost {cost} ({images} images x num_beams {options.num_beams} x max_length "
+                f"{options.max_length}) is over the server's limit of {limit} (REEFCAP_MAX_REQUEST_COST); "
+                "send fewer images per request or decode with fewer beams or tokens"
+            )
 
     async def caption(
         self,
@@ -98,13 +130,17 @@ class CaptionService:
         disconnected: asyncio.Future | None = None,
     ) -> list[dict[str, Any]]:
         """Caption every upload of one request; one result dict per upload, in order."""
+        self.check_cost(len(uploads), options)
         start = time.perf_counter()
         deadline = time.monotonic() + self.settings.request_timeout_s
         loop = asyncio.get_running_loop()
         decoded: list[DecodedUpload] = await asyncio.gather(
             *(loop.run_in_executor(self.decoder, decode_one, data, self.limits, i) for i, data in enumerate(uploads))
         )
-        remaining = deadline - time.monotonic()
+        # The deadline follows the model's measured cost: never shorter than slack x the expected time of the
+        # work queued and running ahead of this request, and its own (a slow model is not a failing one).
+        ahead = self.batcher.depth + self.batcher.in_flight + len(uploads)
+        remaining = max(deadline - time.monotonic(), self.pool.cost.budget(0.0, ahead, options))
         if remaining <= 0:
             raise DeadlineExceededError("the deadline passed while decoding")
         served: list[Served] = await self.batcher.submit(
@@ -126,6 +162,11 @@ class CaptionService:
                     "quality": {"uiqm": d.uiqm, "uciqe": d.uciqe},
                 }
             )
+        self._record(request_id, decoded, served)
+        return results
+
+    def _record(self, request_id: str, decoded: list[DecodedUpload], served: list[Served]) -> None:
+        """Queue the served images for feedback (the store writes behind)."""
         rows = [
             {
                 "idx": i,
@@ -140,26 +181,26 @@ class CaptionService:
             }
             for i, (d, s) in enumerate(zip(decoded, served, strict=True))
         ]
-        try:  # the caption is served even if the feedback record cannot be kept (the store writes behind)
+        try:  # the caption is served even if the feedback record cannot be kept
             self.store.record_served(request_id, rows)
         except Exception as exc:
             log.error("could not record request %s for feedback: %s", request_id, exc)
-        return results
 
     def _observe(self, d: DecodedUpload, s: Served) -> None:
         m = self.metrics
         m.images.labels(model=s.info.name).inc()
         m.caption_words.observe(len(s.caption.caption.split()))
         m.confidence.observe(s.caption.confidence)
-        m.uiqm.observe(d.uiqm)
-        m.uciqe.observe(d.uciqe)
+        if d.uiqm is not None:
+            m.uiqm.observe(d.uiqm)
+        if d.uciqe is not None:
+            m.uciqe.observe(d.uciqe)
 
     async def add_feedback(self, request_id: str, index: int, references: list[str]) -> dict[str, Any]:
-        """Store references and refresh the model's rolling BLEU-4/CIDEr (computed on a worker thread)."""
-        model = await asyncio.to_thread(self.store.add, request_id, index, references)
-        self.metrics.feedback.inc(len(references))
+        """Store references and update the model's rolling BLEU-4/CIDEr (bounded work, on a worker thread)."""
+        added = await asyncio.to_thread(self.store.add, request_id, index, references)
+        model = added["model"]
+        self.metrics.feedback.inc(added["stored"])
         scores = await asyncio.to_thread(self.store.rolling_scores, model, self.settings.feedback_window)
-        for metric in ("Bleu_4", "CIDEr"):
-            if metric in scores:
-                self.metrics.quality.labels(model, metric, "feedback", "rolling").set(scores[metric])
-        return {"model": model, "rolling": scores}
+        self._set_rolling(model, scores)
+        return {**added, "rolling": scores}

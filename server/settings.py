@@ -8,12 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from reefcap.models.engine import check_device
 from reefcap.models.images import DEFAULT_FORMATS, ImageLimits
-from reefcap.models.policy import DEFAULT_BREAKER_FAILURES, DEFAULT_BREAKER_RESET_S, DEFAULT_FALLBACK
+from reefcap.models.policy import (
+    DEFAULT_BREAKER_FAILURES,
+    DEFAULT_BREAKER_RESET_S,
+    DEFAULT_FALLBACK,
+    DEFAULT_PRIMARY,
+)
 
 
 class ServerSettings(BaseSettings):
@@ -23,7 +28,7 @@ class ServerSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    model: str = "reefscenes-tiny-damf"
+    model: str = DEFAULT_PRIMARY  # `reefcap caption` and `reefcap model list` read the same constant
     fallback: str | None = DEFAULT_FALLBACK  # `reefcap caption` uses the same one
     backend: str = "auto"  # auto = the fastest registered backend that imports (onnx, else torch)
     device: str = "auto"
@@ -76,6 +81,12 @@ class ServerSettings(BaseSettings):
     gate_min_feedback: int = Field(30, ge=1)
     log_level: str = "info"
 
+    # Admin surface (README "Admin"). Without admin_key every /v1/admin/* route answers 404, as if absent: an
+    # open admin route let anyone probe the filesystem and load models. Reload names resolve only to entries of
+    # models_dir, the bundled zoo and the configured primary; a path or hub id from a request never loads.
+    admin_key: str | None = None
+    models_dir: Path | None = None
+
     @field_validator("formats", mode="before")
     @classmethod
     def _split_formats(cls, value: object) -> object:
@@ -96,6 +107,44 @@ class ServerSettings(BaseSettings):
             return [v for v in value.replace(",", " ").split() if v]
         return value
 
+    @field_validator("admin_key")
+    @classmethod
+    def _blank_admin_key_is_none(cls, value: str | None) -> str | None:
+        return value if value and value.strip() else None  # REEFCAP_ADMIN_KEY= (empty) leaves admin off
+
+    @field_validator("models_dir")
+    @classmethod
+    def _models_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_dir():
+            raise ValueError(f"models_dir {str(value)!r} is not a directory")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> ServerSettings:
+        # One key for both would make every caption client an admin: the separation is the point.
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise ValueError("admin_key must differ from api_key")
+        return self
+
     @property
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels, formats=tuple(self.formats))
+
+    # ---- Bounds on what one client can cost (issue 13 part B; one block, kept last) ----
+    # A request's decoding work: images x num_beams x max_length. 2048 takes 16 images at 3 beams and 40
+    # tokens; 16 images x 16 beams x 64 tokens (30x the default work) is refused with a 422 naming the limit.
+    max_request_cost: int = Field(2048, ge=1)
+    feedback_max_references: int = Field(20, ge=1)  # references kept per served image (posts beyond: 409)
+    # Open connections beyond which new ones get a 503 (uvicorn's limit_concurrency): file descriptors and the
+    # memory of bodies in flight stay bounded (at most this many x MAX_REQUEST_BYTES).
+    max_connections: int = Field(128, ge=1)
+    # A client must send its request head and body within this many seconds, and an idle keep-alive connection
+    # is closed after keep_alive_s: trickling clients cannot hold connections open.
+    read_timeout_s: float = Field(15.0, gt=0)
+    max_large_bodies: int = Field(4, ge=1)  # requests with bodies over 1 MiB in flight at once (beyond: 503)
+    keep_alive_s: float = Field(5.0, gt=0)
+    # With a measured model cost (a warm-up batch at start, then the running mean of primary batches), batch
+    # deadlines follow it: a primary batch gets max(PRIMARY_TIMEOUT_S, COST_SLACK x its expected time), a request
+    # max(REQUEST_TIMEOUT_S, COST_SLACK x the expected time of the work queued ahead of it and its own).
+    cost_slack: float = Field(4.0, ge=1)
+    warm_up: bool = True

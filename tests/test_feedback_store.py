@@ -49,7 +49,7 @@ def test_feedback_right_after_serving_finds_the_image_under_concurrent_load(tmp_
                 rid = f"c{k}-{i}"
                 store.record_served(rid, [_row()])
                 time.sleep(0.0002 * (i % 3))  # sometimes the writer takes the row first, sometimes the reader
-                assert store.add(rid, 0, ["a fish"]) == "m"  # no UnknownRequestError
+                assert store.add(rid, 0, ["a fish"])["model"] == "m"  # no UnknownRequestError
         except Exception as exc:  # surfaced below with its message
             errors.append(exc)
 
@@ -77,3 +77,40 @@ def test_group_commit_and_bounded_queue(tmp_path):
     store.close()
     assert _count(tmp_path / "fb.sqlite3") == 20
     assert len(commits) == 1  # twenty requests, one transaction
+
+
+def test_a_restarted_server_exports_the_stored_rolling_scores_at_once(tiny_model, tmp_path):
+    """Rolling scores live in the database: after a restart /metrics (and the web page) show them before any
+    new feedback arrives."""
+    import asyncio
+
+    import httpx
+    from server_helpers import metric
+
+    from reefcap.models.engine import EngineConfig
+    from reefcap.models.torch_engine import TorchCaptionEngine
+    from reefcap.server.app import create_app
+    from reefcap.server.pool import ModelPool
+    from reefcap.server.settings import ServerSettings
+
+    db = tmp_path / "fb.sqlite3"
+    store = FeedbackStore(db)
+    for i in range(3):
+        store.record_served(f"r{i}", [_row(0)])
+        store.add(f"r{i}", 0, [f"a fish {i} over the reef", "a fish near a coral"])
+    expected = store.rolling_scores("m", 500)
+    store.close()
+    settings = ServerSettings(_env_file=None, feedback_db=db, inference_threads=1)
+    pool = ModelPool(TorchCaptionEngine.load(str(tiny_model), EngineConfig(device="cpu")), None)
+
+    async def scrape() -> str:
+        app = create_app(settings, pool)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://reefcap.test") as client:
+                return (await client.get("/metrics")).text
+
+    text = asyncio.run(scrape())
+    for name in ("Bleu_4", "CIDEr"):
+        got = metric(text, "reefcap_caption_quality_score", model="m", metric=name, source="feedback", split="rolling")
+        assert got == expected[name]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from server_helpers import collapsed_model
+from server_helpers import collapsed_model, unchecked_engine_class
 
 from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.errors import ModelLoadError, ReefcapError
@@ -44,6 +44,9 @@ class Recorder(PolicyObserver):
         self.breaker_states.append(is_open)
 
 
+SHORT = TinyConfig(max_positions=16)
+
+
 @pytest.fixture(scope="module")
 def engines(varied_model, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("policy-models")
@@ -51,8 +54,8 @@ def engines(varied_model, tiny_model, tmp_path_factory):
         "varied": TorchCaptionEngine.load(str(varied_model), CPU),
         "tiny": TorchCaptionEngine.load(str(tiny_model), CPU),
         "collapsed": TorchCaptionEngine.load(str(collapsed_model(tiny_model, root / "collapsed")), CPU),
-        # 16 positions: greedy decoding to max_length 20 makes every generate call raise IndexError
-        "short": TorchCaptionEngine.load(str(init_tiny(root / "short", config=TinyConfig(max_positions=16))), CPU),
+        # 16 positions, unchecked: greedy decoding to max_length 20 makes every generate call raise IndexError
+        "short": unchecked_engine_class().load(str(init_tiny(root / "short", config=SHORT)), CPU),
     }
 
 

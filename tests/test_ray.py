@@ -19,14 +19,17 @@ def test_ray_matches_local_greedy(varied_model, euvp_images, tmp_path):
     names = [str(p) for p in euvp_images[:6]] + [str(bad)]
     options = DecodeOptions.greedy()
     local_engine = TorchCaptionEngine.load(str(varied_model), EngineConfig(device="cpu"))
-    local = list(BatchCaptioner(local_engine, 3, options).run(names))
+    local = list(BatchCaptioner(local_engine, 3, options, quality=True).run(names))
 
     remote = [
-        r for batch in run_on_ray(names, str(varied_model), batch_size=3, options=options, num_cpus=2) for r in batch
+        r
+        for batch in run_on_ray(names, str(varied_model), batch_size=3, options=options, num_cpus=2, quality=True)
+        for r in batch
     ]
     assert sorted(r["image"] for r in remote) == sorted(names), "every input exactly once"
     by_name = {r["image"]: r for r in remote}
     for r in local:
         other = by_name[r["image"]]
         assert other.get("caption") == r.get("caption") and other.get("code") == r.get("code")
+        assert other.get("quality") == r.get("quality") and ("quality" in r) == ("caption" in r)  # --quality
     assert len({r["caption"] for r in local if "caption" in r}) >= 2

@@ -22,7 +22,7 @@ from reefcap.cli import main
 from reefcap.models.datasets import load_dataset
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(240)]
-KEY = "loop-key"
+KEY, ADMIN = "loop-key", "loop-admin-key"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,8 @@ def test_serve_caption_feedback_export_adapt_reload(world, tmp_path, capsys):
     env = {"REEFCAP_MODEL": str(world["untrained"]), "REEFCAP_FALLBACK": str(world["untrained"])}
     env |= {"REEFCAP_BACKEND": "torch", "REEFCAP_DEVICE": "cpu", "REEFCAP_FEEDBACK_DB": str(tmp_path / "fb.sqlite3")}
     env |= {"REEFCAP_API_KEY": KEY, "REEFCAP_GATE_SET": str(world["gate"]), "REEFCAP_NUM_BEAMS": "1"}
+    env |= {"REEFCAP_ADMIN_KEY": ADMIN, "REEFCAP_MODELS_DIR": str(tmp_path / "models")}  # reloads by name from there
+    (tmp_path / "models").mkdir()
     server = LiveServer(env, tmp_path / "server.log")
     try:
         # 1. A survey through the server: every line keeps the request_id feedback needs.
@@ -67,7 +69,7 @@ def test_serve_caption_feedback_export_adapt_reload(world, tmp_path, capsys):
         # 3. One command adapts, writes the manifest and report, exports ONNX and reloads through the gate.
         new = tmp_path / "models" / "reef-adapted"
         adapt = ["adapt", "--data", str(export), "--base", str(world["pretrained"]), "--out", str(new)]
-        adapt += ["--server", server.url, "--admin-key", KEY, "--batch-size", "4", "--patience", "2", "--no-progress"]
+        adapt += ["--server", server.url, "--admin-key", ADMIN, "--batch-size", "4", "--patience", "2", "--no-progress"]
         assert main([*adapt, "--epochs-scale", "0.6"]) == 0, capsys.readouterr().err
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert summary["reload"]["swapped"] and summary["reload"]["primary"]["name"] == "reef-adapted"
@@ -89,7 +91,8 @@ def test_serve_caption_feedback_export_adapt_reload(world, tmp_path, capsys):
         # 5. Numbers its weights do not give: refused, with the measured reason.
         liar = shutil.copytree(world["untrained"], tmp_path / "models" / "reef-liar")
         write_manifest(liar, {"metrics": {"val": {"CIDEr": 9.9, "Bleu_4": 0.9, "repetition_rate": 0.0}}})
-        r = httpx.post(server.url + "/v1/admin/reload", json={"model": str(liar)}, headers=auth, timeout=120)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        r = httpx.post(server.url + "/v1/admin/reload", json={"model": liar.name}, headers=admin, timeout=120)
         assert r.status_code == 409 and r.json()["error"]["code"] == "quality_gate", r.text
         assert "CIDEr: 0.0000 vs serving" in r.json()["error"]["message"]
         assert httpx.get(server.url + "/readyz").json()["primary"]["name"] == "reef-adapted"

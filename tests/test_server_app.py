@@ -11,7 +11,15 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from server_helpers import collapsed_model, copy_model, corrupt_copy, metric, metric_or_zero, png_bytes
+from server_helpers import (
+    collapsed_model,
+    copy_model,
+    corrupt_copy,
+    metric,
+    metric_or_zero,
+    png_bytes,
+    unchecked_engine_class,
+)
 
 from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.factory import TinyConfig, init_tiny
@@ -25,6 +33,8 @@ from reefcap.server.settings import ServerSettings
 
 CPU = EngineConfig(device="cpu")
 
+SHORT = TinyConfig(max_positions=16)
+
 
 @pytest.fixture(scope="module")
 def engines(varied_model, tiny_model, tmp_path_factory):
@@ -34,8 +44,8 @@ def engines(varied_model, tiny_model, tmp_path_factory):
         "varied": TorchCaptionEngine.load(str(varied), CPU),
         "tiny": TorchCaptionEngine.load(str(tiny_model), CPU),
         "collapsed": TorchCaptionEngine.load(str(collapsed_model(tiny_model, root / "collapsed")), CPU),
-        # max 16 positions: the default max_length of 20 makes every generate call raise IndexError
-        "short": TorchCaptionEngine.load(str(init_tiny(root / "short", config=TinyConfig(max_positions=16))), CPU),
+        # max 16 positions, unchecked: the default max_length of 20 makes every generate call raise IndexError
+        "short": unchecked_engine_class().load(str(init_tiny(root / "short", config=SHORT)), CPU),
         "root": root,
     }
 
@@ -301,38 +311,40 @@ def test_reload_quality_gate(engines, tiny_model, euvp_images, tmp_path):
 
     from reefcap.models.records import CaptionRecord, write_coco
 
-    root = tmp_path
+    root = tmp_path / "models"
     # A gate set the serving model does well on: its own captions are among the references.
     said = engines["tiny"].caption(euvp_images[:8], DecodeOptions.greedy())
     refs = [
         CaptionRecord(i, p, (c.caption, "a reef")) for i, (p, c) in enumerate(zip(euvp_images[:8], said, strict=True))
     ]
-    write_coco(refs, root / "gate" / "gate.json")
+    write_coco(refs, tmp_path / "gate" / "gate.json")
     claims = {"underwater": {"CIDEr": 9.9, "Bleu_4": 0.9, "repetition_rate": 0.0}}
-    same = copy_model(tiny_model, root / "same", {"underwater": {"CIDEr": 0.6, "Bleu_4": 0.2}})
+    copy_model(tiny_model, root / "same", {"underwater": {"CIDEr": 0.6, "Bleu_4": 0.2}})
     looping = collapsed_model(tiny_model, root / "looping")
     write_manifest(looping, {"metrics": claims})  # honest hashes, dishonest numbers
-    bare = copy_model(tiny_model, root / "bare")
+    copy_model(tiny_model, root / "bare")
     swapped = copy_model(tiny_model, root / "swapped", claims)
     (swapped / "model.safetensors").write_bytes((looping / "model.safetensors").read_bytes())
     pool = ModelPool(engines["tiny"], None)
-    s = settings(tmp_path, backend="torch", device="cpu", gate_set=root / "gate" / "gate.json")
+    gate_set = tmp_path / "gate" / "gate.json"
+    s = settings(tmp_path, backend="torch", device="cpu", admin_key="adm", models_dir=root, gate_set=gate_set)
+    admin = {"Authorization": "Bearer adm"}
 
     async def scenario(client, app):
         refusals = {}
-        for candidate in (looping, bare, swapped):
-            r = await client.post("/v1/admin/reload", json={"model": str(candidate)})
+        for candidate in ("looping", "bare", "swapped"):  # reload takes names, resolved inside models_dir
+            r = await client.post("/v1/admin/reload", json={"model": candidate}, headers=admin)
             assert r.status_code == 409 and r.json()["error"]["code"] == "quality_gate", r.text
-            refusals[candidate.name] = r.json()["error"]["message"]
+            refusals[candidate] = r.json()["error"]["message"]
         assert "repetition_rate" in refusals["looping"] and "(collapse)" in refusals["looping"]
         # (CIDEr is 0 for both here: the fresh tiny model says one thing for every image, so its words carry no idf.)
         assert "Bleu_4: 0.0000 vs serving" in refusals["looping"] and "below by more than 0.02" in refusals["looping"]
         assert "no manifest.json" in refusals["bare"]
         assert "model.safetensors: SHA-256 differs" in refusals["swapped"]
         assert "COCO file" in refusals["looping"] and "gate.json" in refusals["looping"]
-        r = await client.post("/v1/admin/reload", json={"model": str(root / "missing")})
-        assert r.status_code == 422 and r.json()["error"]["code"] == "model_not_found"
-        r = await client.post("/v1/admin/reload", json={"model": str(same)})
+        r = await client.post("/v1/admin/reload", json={"model": "missing"}, headers=admin)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
+        r = await client.post("/v1/admin/reload", json={"model": "same"}, headers=admin)
         assert r.status_code == 200 and r.json()["primary"]["name"] == "same", r.text
         gate = r.json()["gate"]
         verdicts = {v["metric"]: v for v in gate["verdicts"]}

@@ -18,6 +18,7 @@ from server_helpers import LiveServer, copy_model, corrupt_copy, metric, metric_
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+ADMIN = {"Authorization": "Bearer admin-key"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,15 @@ def server(models, tmp_path_factory):
     """Primary + fallback, small batches and a small queue so overload is reachable, an API key."""
     tmp = tmp_path_factory.mktemp("live-a")
     srv = LiveServer.torch_cpu(
-        tmp, models["primary"], models["fallback"], max_batch_size=8, max_wait_ms=50, max_queue=16, api_key=KEY
+        tmp,
+        models["primary"],
+        models["fallback"],
+        max_batch_size=8,
+        max_wait_ms=50,
+        max_queue=16,
+        api_key=KEY,
+        admin_key="admin-key",
+        models_dir=models["root"],
     )
     yield srv
     srv.stop()
@@ -143,9 +152,9 @@ def test_hot_reload_under_load_drops_nothing(server, models, euvp_images):
         t.start()
     time.sleep(1.0)
     worse = copy_model(models["primary"], models["root"] / "reef-worse")  # no manifest: fails the gate
-    r = httpx.post(server.url + "/v1/admin/reload", json={"model": str(worse)}, headers=AUTH, timeout=120)
+    r = httpx.post(server.url + "/v1/admin/reload", json={"model": worse.name}, headers=ADMIN, timeout=120)
     assert r.status_code == 409, r.text
-    r = httpx.post(server.url + "/v1/admin/reload", json={"model": str(models["better"])}, headers=AUTH, timeout=120)
+    r = httpx.post(server.url + "/v1/admin/reload", json={"model": "reef-better"}, headers=ADMIN, timeout=120)
     assert r.status_code == 200, r.text
     time.sleep(1.5)
     stop.set()
@@ -160,8 +169,31 @@ def test_hot_reload_under_load_drops_nothing(server, models, euvp_images):
     assert httpx.get(server.url + "/readyz").json()["primary"]["name"] == "reef-better"
 
 
+DROP_FILE = """([name, b64]) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+    document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+}"""
+ROWS_DONE = "n => document.querySelectorAll('#results tbody tr.done').length === n"
+
+
+def _page_rows(page) -> list[dict]:
+    cells = ("caption", "model", "fallback", "uiqm", "uciqe")
+    return page.eval_on_selector_all(
+        "#results tbody tr.done",
+        f"rows => rows.map(r => Object.assign({{request_id: r.dataset.requestId, name: r.querySelector('.name')"
+        f".textContent}}, ...{list(cells)}.map(c => ({{[c]: r.querySelector('.' + c).textContent}}))))",
+    )
+
+
 @pytest.mark.heavy  # a headless Chromium
-def test_web_page_in_headless_chromium(server, euvp_images):
+def test_web_workbench_in_headless_chromium(server, euvp_images):
+    """Two images chosen at once and one dropped give three rows; a typed reference is stored in SQLite and
+    the model's rolling scores on the page follow; everything through the API key typed into the page."""
+    import base64
+    import sqlite3
+
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         if os.environ.get("CI"):
@@ -170,34 +202,65 @@ def test_web_page_in_headless_chromium(server, euvp_images):
     from playwright.sync_api import sync_playwright
 
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    reference = "a small fish swims over a coral reef"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=args)
         try:
             page = browser.new_page()
             page.goto(server.url + "/")
-            page.set_input_files("#file", str(euvp_images[5]))
             page.fill("#key", KEY)
-            page.click("#submit")
-            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
-            caption = page.text_content("#caption")
-            model = page.text_content("#model")
-            uiqm = float(page.text_content("#uiqm"))
-            request_id = page.text_content("#request-id")
+            page.set_input_files("#files", [str(euvp_images[5]), str(euvp_images[6])])
+            page.wait_for_function(ROWS_DONE, arg=2, timeout=60_000)
+            page.evaluate(DROP_FILE, ["dropped.jpg", base64.b64encode(euvp_images[7].read_bytes()).decode()])
+            page.wait_for_function(ROWS_DONE, arg=3, timeout=60_000)
+            rows = _page_rows(page)
+            first = page.locator("#results tbody tr.done").first
+            model = first.get_attribute("data-model")
+            score_row = page.locator(f'#scores tbody tr[data-model="{model}"]')
+            assert score_row.locator(".cider").all_text_contents() in ([], ["n/a"])  # no feedback yet
+            first.locator(".refs").fill(reference)
+            first.locator(".send").click()
+            first.locator(".feedback", has_text="stored 1").wait_for(timeout=30_000)
+            score_row.locator(".cider", has_text=".").wait_for(timeout=30_000)  # a number, no longer "n/a"
+            page_scores = {c: score_row.locator("." + c).text_content() for c in ("bleu4", "cider", "images")}
+            status = page.text_content("#status")
         finally:
             browser.close()
-    direct = httpx.post(
-        server.url + "/v1/captions",
-        headers=AUTH,
-        files=[("images", ("x.jpg", euvp_images[5].read_bytes(), "image/jpeg"))],
-    ).json()
-    res = direct["results"][0]
-    assert caption == res["caption"] and model.startswith(res["model"]["name"])
-    assert uiqm == pytest.approx(res["quality"]["uiqm"], abs=1e-3) and len(request_id) == 32
+    assert [r["name"] for r in rows] == [euvp_images[5].name, euvp_images[6].name, "dropped.jpg"]
+    assert "3 captioned, 0 failed" in status
+    for row, path in zip(rows, euvp_images[5:8], strict=True):  # the same answers as the API gives
+        direct = httpx.post(
+            server.url + "/v1/captions", headers=AUTH, files=[("images", ("x.jpg", path.read_bytes(), "image/jpeg"))]
+        ).json()["results"][0]
+        assert row["caption"] == direct["caption"] and row["model"].startswith(direct["model"]["name"])
+        assert float(row["uiqm"]) == pytest.approx(direct["quality"]["uiqm"], abs=1e-3)
+        assert float(row["uciqe"]) == pytest.approx(direct["quality"]["uciqe"], abs=1e-3)
+        assert row["fallback"] == "no" and len(row["request_id"]) == 32
+    db = sqlite3.connect(server.log_path.parent / "fb.sqlite3")
+    try:
+        ids = [r["request_id"] for r in rows]
+        marks = ",".join("?" * len(ids))
+        stored = db.execute(f"SELECT request_id, idx, reference FROM feedback WHERE request_id IN ({marks})", ids)
+        stored = stored.fetchall()
+        with_refs = db.execute(  # images of this model with references: what the rolling scores cover
+            "SELECT count(DISTINCT s.request_id || '/' || s.idx) FROM served s JOIN feedback f "
+            "ON f.request_id = s.request_id AND f.idx = s.idx WHERE s.model = ?",
+            (model,),
+        ).fetchone()[0]
+    finally:
+        db.close()
+    assert stored == [(rows[0]["request_id"], 0, reference)]
+    gauges = server.metrics()
+    for cls, name in (("bleu4", "Bleu_4"), ("cider", "CIDEr")):
+        want = metric(gauges, "reefcap_caption_quality_score", model=model, metric=name, split="rolling")
+        assert float(page_scores[cls]) == pytest.approx(want, abs=1e-3), (cls, page_scores)
+    assert page_scores["images"] == str(with_refs)
 
 
 def test_corrupt_primary_is_served_by_fallback(broken_server, euvp_images):
     ready = httpx.get(broken_server.url + "/readyz").json()
-    assert ready["serving"] == "fallback" and ready["primary"] is None and "reef-corrupt" in ready["primary_error"]
+    assert ready["serving"] == "fallback" and ready["primary"] is None and ready["status"] == "degraded"
+    assert "reef-corrupt" not in str(ready)  # no paths to anyone: why the primary is missing is in the log
     r = httpx.post(broken_server.url + "/v1/captions", files=[("images", ("x.jpg", euvp_images[0].read_bytes()))])
     res = r.json()["results"][0]
     assert r.status_code == 200 and res["fallback"] == {"used": True, "reason": "primary_unavailable"}

@@ -1,0 +1,38 @@
+"""The primary's measured decoding cost, which the server's deadlines and batch sizes follow."""
+
+from __future__ import annotations
+
+from reefcap.models.engine import DecodeOptions
+
+
+class CostModel:
+    """The primary's measured decoding cost, in seconds per unit of work (image x beam x token).
+
+    Seeded by a warm-up batch at start (:meth:`ModelPool.warm_up`) and followed by a running mean of the
+    primary's batches, so deadlines grow with a slow machine or a big model instead of mistaking it for a
+    failing one. Unmeasured (``unit_s`` None), every budget is the configured floor."""
+
+    def __init__(self, slack: float = 4.0) -> None:
+        self.slack = slack
+        self.unit_s: float | None = None
+
+    @staticmethod
+    def units(images: int, options: DecodeOptions) -> int:
+        return max(1, images) * options.num_beams * options.max_length
+
+    def observe(self, images: int, options: DecodeOptions, seconds: float) -> None:
+        rate = seconds / self.units(images, options)
+        self.unit_s = rate if self.unit_s is None else 0.8 * self.unit_s + 0.2 * rate
+
+    def expected_s(self, images: int, options: DecodeOptions) -> float | None:
+        return None if self.unit_s is None else self.unit_s * self.units(images, options)
+
+    def budget(self, floor_s: float, images: int, options: DecodeOptions) -> float:
+        """``floor_s``, or ``slack`` times the expected time of ``images`` if that is longer."""
+        expected = self.expected_s(images, options)
+        return floor_s if expected is None else max(floor_s, self.slack * expected)
+
+    def batch_cap(self, max_batch: int, target_s: float, options: DecodeOptions) -> int:
+        """The largest batch (at most ``max_batch``) expected to take no more than ``target_s``."""
+        one = self.expected_s(1, options)
+        return max_batch if not one else max(1, min(max_batch, int(target_s / one)))
