@@ -53,11 +53,17 @@ def test_bundled_model_matches_its_manifest(name):
     assert engine.describe().name == name
 
 
-def test_bundled_models_show_the_domain_gap_and_the_damf_gain():
+def test_bundled_primary_follows_the_selection_rule():
+    """README: the primary is the best underwater CIDEr among models that keep >= 90% of the in-air model's
+    in-air CIDEr; its manifest lists the candidates measured and the rule holds on the shipped numbers."""
     from reefcap.models.registry import zoo_models
 
     zoo = zoo_models()
     base = json.loads((zoo["reefscenes-tiny"] / "manifest.json").read_text())["metrics"]
-    damf = json.loads((zoo["reefscenes-tiny-damf"] / "manifest.json").read_text())["metrics"]
-    assert base["underwater"]["CIDEr"] <= 0.6 * base["surface"]["CIDEr"]
-    assert damf["underwater"]["CIDEr"] >= 2.0 * base["underwater"]["CIDEr"]
+    manifest = json.loads((zoo["reefscenes-tiny-damf"] / "manifest.json").read_text())
+    primary = manifest["metrics"]
+    assert base["underwater"]["CIDEr"] <= 0.6 * base["surface"]["CIDEr"]  # the domain gap
+    assert primary["surface"]["CIDEr"] >= 0.9 * base["surface"]["CIDEr"]
+    assert primary["underwater"]["CIDEr"] > 1.2 * base["underwater"]["CIDEr"]
+    eligible = [c for c in manifest["selection"]["candidates"] if c["in_air_CIDEr"] >= 0.9 * base["surface"]["CIDEr"]]
+    assert max(c["underwater_CIDEr"] for c in eligible) == primary["underwater"]["CIDEr"]

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from reefcap.models.errors import ReefcapError
+from reefcap.models.policy import DEFAULT_PRIMARY
 
-DEFAULT_BASE = "reefscenes-tiny-damf"
+DEFAULT_BASE = DEFAULT_PRIMARY  # adapt what is served unless told otherwise
 DEFAULT_PROTOCOL = "damf_preserve"
 CHOOSE_AMONG = "damf_preserve,damf"  # the default candidates when in-air validation data is given
 TINY_WEIGHTS_BYTES = 40 << 20
