@@ -20,6 +20,7 @@ from synthetic_captions import all_captions, make_dataset
 
 from reefcap.cli import main
 from reefcap.models.datasets import load_dataset
+from reefcap.models.errors import ReefcapError
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(240)]
 KEY, ADMIN = "loop-key", "loop-admin-key"
@@ -96,5 +97,13 @@ def test_serve_caption_feedback_export_adapt_reload(world, tmp_path, capsys):
         assert r.status_code == 409 and r.json()["error"]["code"] == "quality_gate", r.text
         assert "CIDEr: 0.0000 vs serving" in r.json()["error"]["message"]
         assert httpx.get(server.url + "/readyz").json()["primary"]["name"] == "reef-adapted"
+
+        # adapt's reload step names OUT by its folder: outside MODELS_DIR, or with a wrong key, it says why.
+        from reefcap.training.adapt import reload_on_server
+
+        with pytest.raises(ReefcapError, match=r"unknown_model.*MODELS_DIR"):
+            reload_on_server(server.url, tmp_path / "elsewhere" / "reef-nowhere", ADMIN)
+        with pytest.raises(ReefcapError, match="HTTP 401"):
+            reload_on_server(server.url, new, "not-the-admin-key")
     finally:
         server.stop()

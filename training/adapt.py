@@ -13,7 +13,8 @@
    ``--lr-scale`` says otherwise.
 4. ``OUT`` becomes a servable checkpoint with its manifest (measured metrics, provenance, file hashes); the run
    (curves, report, checkpoints) sits beside it in ``OUT-run``; the ONNX export the server would make on first
-   load is made now. With ``--server``, the server is asked to hot-reload OUT through its quality gate.
+   load is made now. With ``--server``, the server is asked to hot-reload OUT, by its folder name (OUT must be a
+   folder of the server's ``MODELS_DIR``), through its quality gate.
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
 def reload_on_server(server: str, model: Path, admin_key: str | None, timeout: float = 600.0) -> dict[str, Any]:
     """Ask ``server`` to hot-reload ``model`` through its quality gate; returns its answer (raises on refusal).
 
-    The model is named by its path; a server that only reloads models by name from its models directory
-    answers 404 ``unknown_model`` to a path, and is then asked by the folder's name.
+    The server loads models by name from its ``MODELS_DIR`` (never a path from a request), so ``model`` must be
+    a folder there: it is named by its folder name.
     """
     import httpx
 
@@ -207,9 +208,7 @@ def reload_on_server(server: str, model: Path, admin_key: str | None, timeout: f
     url = server.rstrip("/") + "/v1/admin/reload"
     try:
         with httpx.Client(timeout=timeout, headers=headers) as client:
-            r = client.post(url, json={"model": str(model.resolve())})
-            if r.status_code == 404 and "unknown_model" in r.text:
-                r = client.post(url, json={"model": model.name})
+            r = client.post(url, json={"model": model.name})
     except httpx.HTTPError as exc:
         raise ReefcapError(f"cannot reach {server}: {exc}") from None
     try:
@@ -218,9 +217,9 @@ def reload_on_server(server: str, model: Path, admin_key: str | None, timeout: f
         body = {"error": {"code": "http_error", "message": r.text[:300]}}
     if r.status_code != 200:
         err = body.get("error") or {}
-        raise ReefcapError(
-            f"{server} did not swap in {model}: HTTP {r.status_code} {err.get('code')}: {err.get('message')}"
-        )
+        hint = " (is OUT a folder of the server's MODELS_DIR?)" if err.get("code") == "unknown_model" else ""
+        what = f"HTTP {r.status_code} {err.get('code')}: {err.get('message')}{hint}"
+        raise ReefcapError(f"{server} did not swap in {model.name}: {what}")
     return body
 
 
