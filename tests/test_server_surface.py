@@ -158,16 +158,27 @@ def test_reload_takes_names_only_and_reveals_nothing(engine, tmp_path, models_di
     serve(s, ModelPool(engine, None), scenario)
 
 
-def test_reload_resolves_the_configured_primary_and_bundled_names_without_a_models_dir(engine, tmp_path, tiny_model):
+def test_reload_resolves_the_configured_primary_and_bundled_names_without_a_models_dir(
+    engine, tmp_path, tiny_model, euvp_images
+):
+    from reefcap.models.records import CaptionRecord, write_coco
+
+    # The configured primary with an honest manifest (file hashes), so the quality gate that every reload
+    # passes measures it on a small gate set: this test is about how the name resolves.
+    primary = copy_model(tiny_model, tmp_path / "primary", {})
+    write_coco([CaptionRecord(i, p, ("a reef",)) for i, p in enumerate(euvp_images[:4])], tmp_path / "gate.json")
+
     async def scenario(client, app):
-        r = await client.post("/v1/admin/reload", json={"model": tiny_model.name}, headers=ADMIN)
-        assert r.status_code == 200 and r.json()["primary"]["name"] == tiny_model.name, r.text
+        r = await client.post("/v1/admin/reload", json={"model": primary.name}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["primary"]["name"] == primary.name, r.text
         r = await client.post("/v1/admin/reload", json={"model": "reef-v2"}, headers=ADMIN)
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
         r = await client.post("/v1/admin/reload", content=b"model=x", headers={**ADMIN, "content-type": "text/plain"})
         assert r.status_code == 415
 
-    serve(settings(tmp_path, admin_key="adm1n", model=str(tiny_model)), ModelPool(engine, None), scenario)
+    s = settings(tmp_path, admin_key="adm1n", model=str(primary))
+    s.gate_set = tmp_path / "gate.json"
+    serve(s, ModelPool(engine, None), scenario)
 
 
 def test_readyz_says_ok_or_degraded_without_paths(engine, tmp_path, tiny_model):
