@@ -56,6 +56,7 @@ class CaptionResult:
     uciqe: float | None
     request_id: str
     raw: dict[str, Any] = field(repr=False, compare=False)
+    water_type: dict[str, Any] | None = None  # {"label", "probability"} from a water-type experts model
 
     @classmethod
     def from_response(cls, item: dict[str, Any], request_id: str) -> CaptionResult:
@@ -72,6 +73,7 @@ class CaptionResult:
             uciqe=quality.get("uciqe"),
             request_id=request_id,
             raw=item,
+            water_type=item.get("water_type"),
         )
 
 
@@ -297,6 +299,7 @@ def run_on_server(
                     "caption": answer.caption,
                     "model": answer.model,
                     "confidence": answer.confidence,
+                    "water_type": answer.water_type,
                     "fallback": {"used": answer.fallback, "reason": answer.fallback_reason},  # as in local mode
                 }
         yield [records[name] for name in chunk]

@@ -122,6 +122,7 @@ class CaptionService:
                     "fallback": s.fallback,
                     "confidence": s.caption.confidence,
                     "tokens": s.caption.tokens,
+                    "water_type": s.caption.water_type,
                     "latency_ms": latency_ms,
                     "quality": {"uiqm": d.uiqm, "uciqe": d.uciqe},
                 }
@@ -151,6 +152,8 @@ class CaptionService:
         m.images.labels(model=s.info.name).inc()
         m.caption_words.observe(len(s.caption.caption.split()))
         m.confidence.observe(s.caption.confidence)
+        if s.caption.water_type:  # water-type experts only: their estimate for this image
+            m.water_types.labels(model=s.info.name, water_type=s.caption.water_type["label"]).inc()
         m.uiqm.observe(d.uiqm)
         m.uciqe.observe(d.uciqe)
 

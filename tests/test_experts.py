@@ -1,0 +1,156 @@
+"""GuiDG water-type experts: the recipe's domains, training end to end on tiny ReefScenes, loading from
+safetensors, batch-independent captions with a per-image water type in both engines, ONNX/torch parity, and the
+server answering with ``water_type`` through its default ONNX backend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reefcap.models.backends import load_engine
+from reefcap.models.engine import DecodeOptions
+from reefcap.models.errors import ModelLoadError
+from reefcap.models.experts import EXPERTS_WEIGHTS, ExpertsConfig, is_experts, modules, save_experts
+
+DOMAINS = {"clear": ["I", "IA", "IB"], "ocean": ["II", "III"], "coastal": ["1C", "3C", "5C"], "in_air": []}
+
+
+@pytest.fixture(scope="module")
+def experts_model(tmp_path_factory) -> Path:
+    """The bundled DAMF model with three random experts whose fusion clearly prefers one expert per image."""
+    import torch
+
+    from reefcap.models.registry import resolve_model
+    from reefcap.models.torch_engine import load_blip
+
+    out = tmp_path_factory.mktemp("experts") / "experts"
+    shutil.copytree(resolve_model("reefscenes-tiny-damf").path, out, ignore=shutil.ignore_patterns("manifest.json"))
+    blip, _ = load_blip(resolve_model(str(out)))
+    _, ExpertsHead = modules()
+    torch.manual_seed(3)
+    config = ExpertsConfig(domains=DOMAINS, context=2)
+    head = ExpertsHead(config, blip.config.vision_config.hidden_size, blip.config.text_config.hidden_size)
+    with torch.no_grad():
+        head.prompts.mul_(25)  # experts that really differ, so a mixed-up row changes the caption
+        head.fusion.query.weight.mul_(20)
+        head.fusion.logit_scale.fill_(4.0)
+    save_experts(out, head)
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(euvp_images) -> list[Path]:
+    return euvp_images[:6]
+
+
+@pytest.fixture(scope="module")
+def torch_engine(experts_model):
+    return load_engine(str(experts_model), "torch")
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(experts_model, tmp_path_factory):
+    from reefcap.models.onnx_export import export_onnx
+
+    folder = export_onnx(str(experts_model), tmp_path_factory.mktemp("onnx") / "export")
+    return load_engine(str(folder), "onnx")
+
+
+def test_recipe_declares_the_grouping_and_images_map_to_domains():
+    from reefcap.training.config import load_recipe
+
+    recipe = load_recipe("guidg")
+    config = ExpertsConfig(domains=recipe.experts.domains)
+    assert [s.groups for s in recipe.stages] == [("prompts",), ("vision", "fusion")]
+    assert config.domain_of({"water_type": "9C", "turbidity": 2.0}) == "turbid_coastal"
+    assert config.domain_of({"water_type": "IB"}) == "clear_ocean"
+    assert config.domain_of({"background": "rocky bottom"}) == "in_air"  # no water type: photographed in air
+    assert config.domain_of({"water_type": "XX"}) is None
+    types = [t for ts in recipe.experts.domains.values() for t in ts]
+    assert sorted(types) == sorted(["I", "IA", "IB", "II", "III", "1C", "3C", "5C", "7C", "9C"])
+
+
+def test_torch_captions_carry_water_type_and_ignore_batch_mates(torch_engine, photos):
+    assert type(torch_engine).__name__ == "TorchExpertsEngine"
+    for options in (DecodeOptions.greedy(), DecodeOptions(num_beams=3)):
+        batch = torch_engine.caption(photos, options)
+        alone = [torch_engine.caption([p], options)[0] for p in photos]
+        assert [c.caption for c in batch] == [c.caption for c in alone]
+        for b, a in zip(batch, alone, strict=True):
+            assert b.water_type["label"] == a.water_type["label"]
+            assert b.water_type["probability"] == pytest.approx(a.water_type["probability"], abs=1e-3)
+    labels = {c.water_type["label"] for c in batch}
+    assert labels <= set(DOMAINS) and all(0.25 <= c.water_type["probability"] <= 1 for c in batch)
+    assert len({c.caption for c in batch}) > 1  # captions depend on the image
+
+
+def test_experts_change_the_caption_and_plain_models_have_no_water_type(torch_engine, photos):
+    plain = load_engine("reefscenes-tiny-damf", "torch").caption(photos, DecodeOptions.greedy())
+    assert all(c.water_type is None for c in plain)
+    mixed = torch_engine.caption(photos, DecodeOptions.greedy())
+    assert [c.caption for c in mixed] != [c.caption for c in plain]
+
+
+def test_onnx_matches_torch_and_is_batch_independent(torch_engine, onnx_engine, photos):
+    assert type(onnx_engine).__name__ == "OnnxExpertsEngine"
+    assert onnx_engine.manifest["experts"]["domains"] == DOMAINS
+    for options in (DecodeOptions.greedy(), DecodeOptions(num_beams=3)):
+        want = torch_engine.caption(photos, options)
+        got = onnx_engine.caption(photos, options)
+        assert [c.caption for c in got] == [c.caption for c in want]
+        assert [c.water_type["label"] for c in got] == [c.water_type["label"] for c in want]
+        for g, w in zip(got, want, strict=True):
+            assert g.water_type["probability"] == pytest.approx(w.water_type["probability"], abs=1e-3)
+            assert g.confidence == pytest.approx(w.confidence, abs=1e-3)
+    alone = [onnx_engine.caption([p], DecodeOptions.greedy())[0].caption for p in photos[::-1]]
+    assert alone[::-1] == [c.caption for c in onnx_engine.caption(photos, DecodeOptions.greedy())]
+
+
+def test_experts_load_from_safetensors_and_a_broken_file_is_a_load_error(experts_model, torch_engine, tmp_path):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(experts_model / EXPERTS_WEIGHTS))
+    assert set(saved) >= {"prompts", "fusion.query.weight", "fusion.key.weight", "fusion.pool"}
+    assert (torch_engine.head.prompts.detach() == saved["prompts"]).all()
+    assert is_experts(experts_model) and not any(experts_model.glob("*.bin"))
+    broken = tmp_path / "broken"
+    shutil.copytree(experts_model, broken)
+    (broken / EXPERTS_WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError, match=EXPERTS_WEIGHTS):
+        load_engine(str(broken), "torch")
+
+
+@pytest.fixture(scope="module")
+def reefscenes(tmp_path_factory) -> Path:
+    from reefcap.training.reefscenes import ReefScenesConfig, generate
+
+    out = tmp_path_factory.mktemp("rs")
+    generate(out, ReefScenesConfig(seed=1, size=48, counts={"surface": 24, "underwater": 40}, workers=1), False)
+    return out
+
+
+def test_guidg_trains_from_the_recipe_and_the_result_serves_water_types(reefscenes, tmp_path, capsys):
+    from reefcap.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--recipe", "guidg", "--model", "reefscenes-tiny", "--out", str(out), "--no-progress"]
+    args += ["--data", str(reefscenes / "underwater" / "train.json"), "--batch-size", "4", "--max-steps", "2"]
+    args += ["--preserve-data", str(reefscenes / "surface" / "train.json")]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["finished"] and 0 <= summary["routing_accuracy_holdout"] <= 1
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["name"] for e in log if e["type"] == "stage"] == ["experts", "fusion"]
+    assert all(e["loss"] > 0 for e in log if e["type"] == "train")
+    best = out / "best"
+    assert is_experts(best) and (best / "model.safetensors").is_file()
+    engine = load_engine(str(best), "torch")
+    caption = engine.caption([next((reefscenes / "underwater" / "images").iterdir())], DecodeOptions.greedy())[0]
+    assert caption.water_type["label"] in json.loads((best / "reefcap_experts.json").read_text())["domains"]
+    # Without in-air data the in-air expert has nothing to learn from: a one-line error before any training.
+    args_no_air = args[:-2] + ["--out", str(tmp_path / "again")]
+    assert main(args_no_air) == 2
+    assert "in_air" in capsys.readouterr().err
