@@ -154,3 +154,43 @@ def test_guidg_trains_from_the_recipe_and_the_result_serves_water_types(reefscen
     args_no_air = args[:-2] + ["--out", str(tmp_path / "again")]
     assert main(args_no_air) == 2
     assert "in_air" in capsys.readouterr().err
+
+
+def test_per_domain_scores_and_routing_accuracy_from_predictions(reefscenes):
+    from reefcap.models.datasets import load_dataset
+    from reefcap.training.compare import _domain_table
+    from reefcap.training.config import load_recipe
+    from reefcap.training.evaluation import domain_metrics
+
+    domains = load_recipe("guidg").experts.domains
+    grouping = ExpertsConfig(domains=domains)
+    per, images = {}, 0
+    for split in ("underwater", "surface"):  # evaluated one split at a time, as `reefcap compare` does
+        records = load_dataset(reefscenes / split / "train.json")
+        images += len(records)
+        # Perfect captions; underwater images routed to their domain, in-air ones to "ocean" (wrong).
+        routed = {r.image_id: grouping.domain_of(r.metadata) for r in records}
+        routed = {k: "ocean" if v == "in_air" else v for k, v in routed.items()}
+        preds = [
+            {"image_id": r.image_id, "caption": r.captions[0], "water_type": {"label": routed[r.image_id]}}
+            for r in records
+        ]
+        per.update(domain_metrics(records, preds, domains))
+    assert per["in_air"]["routing_accuracy"] == 0 and per["in_air"]["Bleu_4"] == pytest.approx(1)
+    underwater = [d for d in per if d != "in_air"]
+    assert underwater and all(per[d]["routing_accuracy"] == 1 and per[d]["Bleu_4"] > 0.99 for d in underwater)
+    assert sum(m["images"] for m in per.values()) == images
+    table = _domain_table({"guidg": [{"domains": per}], "start": [{"in-air": {}}]})
+    assert table[0].startswith("| protocol | clear_ocean CIDEr") and table[0].endswith("routing accuracy |")
+    row = next(line for line in table if line.startswith("| guidg |"))
+    want = sum(per[d]["images"] for d in underwater) / images
+    assert row.endswith(f"| {want:.3f} ± 0.000 |")
+    assert next(line for line in table if line.startswith("| start |")).endswith("| - |")
+
+
+def test_compare_refuses_a_run_that_starts_from_a_later_recipe(tmp_path, capsys):
+    from reefcap.cli import main
+
+    args = ["compare", "--model", "reefscenes-tiny", "--recipes", "guidg@damf,damf", "--data", "x.json"]
+    assert main([*args, "--test", "t.json", "--work", str(tmp_path), "--report", str(tmp_path / "r.md")]) == 2
+    assert "list damf before it" in capsys.readouterr().err
