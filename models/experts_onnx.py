@@ -22,7 +22,7 @@ class OnnxExpertsEngine(OnnxCaptionEngine):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        experts = ExpertsConfig.from_dict(self.manifest["experts"])
+        self.experts = experts = ExpertsConfig.from_dict(self.manifest["experts"])
         self.labels = experts.labels
         self.ctx_ids = context_ids(self.manifest["decoder"]["vocab_size"], len(self.labels), experts.context)
 

@@ -29,7 +29,8 @@ class TorchExpertsEngine(TorchCaptionEngine):
         self.encoder = experts_encoder(model, self.head)
         self.decoder = experts_decoder(model, self.head)
         text = model.config.text_config
-        self.labels = self.head.config.labels
+        self.experts = self.head.config
+        self.labels = self.experts.labels
         self.ctx_ids = context_ids(text.vocab_size, len(self.labels), self.head.config.context)
         self.eos, self.pad, self.bos = text.sep_token_id, text.pad_token_id, text.bos_token_id
 

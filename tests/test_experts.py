@@ -52,11 +52,19 @@ def torch_engine(experts_model):
 
 
 @pytest.fixture(scope="module")
-def onnx_engine(experts_model, tmp_path_factory):
+def onnx_cache(experts_model, tmp_path_factory) -> Path:
+    """A REEFCAP_CACHE holding the experts model's fp32 export where first use would put it."""
     from reefcap.models.onnx_export import export_onnx
+    from reefcap.models.torch_engine import weights_version
 
-    folder = export_onnx(str(experts_model), tmp_path_factory.mktemp("onnx") / "export")
-    return load_engine(str(folder), "onnx")
+    cache = tmp_path_factory.mktemp("cache")
+    export_onnx(str(experts_model), cache / "onnx" / f"{weights_version(experts_model)}-fp32")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(onnx_cache):
+    return load_engine(str(next((onnx_cache / "onnx").iterdir())), "onnx")
 
 
 def test_recipe_declares_the_grouping_and_images_map_to_domains():
@@ -150,6 +158,20 @@ def test_guidg_trains_from_the_recipe_and_the_result_serves_water_types(reefscen
     engine = load_engine(str(best), "torch")
     caption = engine.caption([next((reefscenes / "underwater" / "images").iterdir())], DecodeOptions.greedy())[0]
     assert caption.water_type["label"] in json.loads((best / "reefcap_experts.json").read_text())["domains"]
+    # `reefcap eval` scores each water domain and how often the estimated water type was right.
+    result = tmp_path / "eval.json"
+    data = str(reefscenes / "underwater" / "test.json")
+    assert (
+        main(["eval", "--model", str(best), "--data", data, "--out", str(result), "--no-meteor", "--no-progress"]) == 0
+    )
+    payload = json.loads(result.read_text())
+    assert payload["domains"] and all(0 <= m["routing_accuracy"] <= 1 for m in payload["domains"].values())
+    assert sum(m["images"] for m in payload["domains"].values()) == payload["metrics"]["images"]
+    predictions = json.loads(Path(payload["predictions"]).read_text())
+    labels = json.loads((best / "reefcap_experts.json").read_text())["domains"]
+    assert len(predictions) == payload["metrics"]["images"]
+    assert all(p["water_type"]["label"] in labels for p in predictions)
+    capsys.readouterr()
     # Without in-air data the in-air expert has nothing to learn from: a one-line error before any training.
     args_no_air = args[:-2] + ["--out", str(tmp_path / "again")]
     assert main(args_no_air) == 2
@@ -194,3 +216,36 @@ def test_compare_refuses_a_run_that_starts_from_a_later_recipe(tmp_path, capsys)
     args = ["compare", "--model", "reefscenes-tiny", "--recipes", "guidg@damf,damf", "--data", "x.json"]
     assert main([*args, "--test", "t.json", "--work", str(tmp_path), "--report", str(tmp_path / "r.md")]) == 2
     assert "list damf before it" in capsys.readouterr().err
+
+
+def test_server_answers_water_type_per_image_through_the_default_onnx_backend(
+    experts_model, onnx_cache, photos, tmp_path
+):
+    import httpx
+    from server_helpers import LiveServer, metric
+
+    env = {"REEFCAP_MODEL": str(experts_model), "REEFCAP_FALLBACK": "none", "REEFCAP_DEVICE": "cpu"}
+    env |= {"REEFCAP_CACHE": str(onnx_cache), "REEFCAP_FEEDBACK_DB": str(tmp_path / "fb.sqlite3")}
+    srv = LiveServer(env, tmp_path / "server.log")  # REEFCAP_BACKEND unset: auto, i.e. ONNX Runtime
+    try:
+        files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:4]]
+        together = httpx.post(srv.url + "/v1/captions", files=files, timeout=60).json()["results"]
+        alone = [httpx.post(srv.url + "/v1/captions", files=[f], timeout=60).json()["results"][0] for f in files[::-1]][
+            ::-1
+        ]
+        text = srv.metrics()
+    finally:
+        srv.stop()
+    assert all(r["model"]["backend"] == "onnx" for r in together)
+    assert [r["caption"] for r in together] == [r["caption"] for r in alone]
+    assert [r["water_type"]["label"] for r in together] == [r["water_type"]["label"] for r in alone]
+    assert all(r["water_type"]["label"] in DOMAINS and 0 < r["water_type"]["probability"] <= 1 for r in together)
+    name = experts_model.name
+    counted = {
+        d: metric(text, "reefcap_water_type_images_total", model=name, water_type=d)
+        for d in DOMAINS
+        if f'water_type="{d}"' in text
+    }
+    assert sum(counted.values()) == 2 * len(files)
+    served = [r["water_type"]["label"] for r in together]
+    assert all(counted[d] == 2 * served.count(d) for d in counted)

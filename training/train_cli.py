@@ -77,7 +77,7 @@ def _eval(args: argparse.Namespace) -> int:
     from reefcap.models.policy import fallback_name, open_policy
 
     from .data import load_records
-    from .evaluation import evaluate, write_json
+    from .evaluation import domain_metrics, evaluate, write_json
 
     # Every flag checked before the data is read or the model loaded: a typo fails at once.
     options = _decode_options(args)
@@ -92,6 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
         policy, records, options, args.batch_size, meteor=not args.no_meteor, progress=not args.no_progress
     )
     info = (policy.primary or policy.fallback).describe()
+    experts = getattr(policy.primary, "experts", None)  # water-type experts: scores and routing per domain
     payload = {
         "model": info.name,
         "version": info.version,
@@ -100,6 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
         "metrics": metrics,
         # Only with --fallback: which model stood in and for how many images (by reason).
         "fallback": {"model": fallback, "images": dict(policy.counts)} if fallback else None,
+        **({"domains": domain_metrics(records, predictions, experts.domains)} if experts else {}),
     }
     pred_path = Path(args.predictions) if args.predictions else None
     if args.out:
