@@ -64,6 +64,13 @@ class ExpertsConfig:
         return cls(domains=domains, context=data["context"], heads=data["heads"])
 
 
+def context_positions(length: int, context: int) -> list[int]:
+    """Position ids of ``[DEC]``, K context rows, then the text: the context shares position 0, so every text token
+    keeps the position the frozen decoder learnt it at (shifting the caption by K cost the DAMF model 0.15 nats
+    of validation loss that the experts never won back)."""
+    return [max(0, i - context) for i in range(length)]
+
+
 def is_experts(folder: str | Path) -> bool:
     """Whether a checkpoint folder holds water-type experts."""
     return (Path(folder) / EXPERTS_CONFIG).is_file()

@@ -4,7 +4,8 @@
   every decoder layer's cross-attention keys/values (as ``onnx_export``'s encoder).
 - :func:`experts_decoder`: ``onnx_export``'s KV-cached decoder with the word-embedding table extended by the
   experts' context vectors (ids ``vocab + e*K + j``); the LM head keeps the real vocabulary, so a context row
-  can never be generated.
+  can never be generated. The context rows share ``[DEC]``'s position 0 and the text keeps its own positions
+  (see :func:`reefcap.models.experts.context_positions`).
 """
 
 from __future__ import annotations
@@ -67,4 +68,5 @@ def experts_decoder(blip: Any, head: Any):
             self.LayerNorm = base.LayerNorm
 
     decoder.embeddings = Embeddings()
+    decoder.context = head.config.context
     return decoder.eval()

@@ -111,6 +111,7 @@ def _wrappers():
             self.lm_weight = nn.Parameter(self.head.decoder.weight.detach().t().contiguous(), requires_grad=False)
             self.n_heads = blip.config.text_config.num_attention_heads
             self.n_layers = len(self.layers)
+            self.context = 0  # water-type experts: K context rows after [DEC] that take no position (experts_graphs)
 
         def attend(self, q, k, v, mask=None):
             scores = torch.matmul(q, k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
@@ -128,7 +129,8 @@ def _wrappers():
             start = past[0].shape[2]
             positions = torch.arange(length, device=input_ids.device) + start
             emb = self.embeddings
-            h = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions)[None])
+            at = (positions - self.context).clamp(min=0) if self.context else positions
+            h = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(at)[None])
             # Causal mask over [cache, new tokens]: query i (at position start+i) sees keys 0..start+i.
             keys = torch.arange(start + length, device=input_ids.device)
             blocked = keys[None, :] > positions[:, None]

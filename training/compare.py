@@ -123,6 +123,7 @@ class CompareConfig:
     meteor: bool = True
     epochs_scale: float = 1.0
     lr_scale: float = 1.0
+    first_seed: int = 0  # train only seeds first_seed..seeds-1 (a second process sharing the work of one grid)
 
 
 def run_compare(
@@ -154,7 +155,7 @@ def run_compare(
     results: dict[str, list[dict]] = {"start": [start_eval]}
     runs: dict[str, list[Path]] = {}
     # Seed-major, and the report rewritten after every run: an interrupted grid still reports what finished.
-    for seed in range(compare.seeds):
+    for seed in range(compare.first_seed, compare.seeds):
         for name, recipe in recipes.items():
             out = work / name / f"seed{seed}"
             # NAME@BASE: the run starts from the same seed's BASE run (e.g. guidg@damf: experts on DAMF's model).

@@ -69,7 +69,8 @@ class ExpertsRecipe:
     ``domains`` maps each expert's label to the Jerlov water types it is trained on (``in_air: []`` for the
     in-air images of ``--preserve-data``); ``context`` is each expert's number of learned context vectors;
     ``holdout`` the fraction of each domain's scenes kept out of stage 1 for stage 2; ``route_weight`` an
-    optional cross-entropy pull of the fusion weights towards the true domain (0 = GuiDG's loss alone).
+    optional cross-entropy pull of the fusion weights towards the true domain (0 = GuiDG's loss alone);
+    ``select_on_val`` keeps each expert's best state of stage 1 by its domain's validation loss.
     """
 
     domains: dict[str, list[str]] = field(default_factory=dict)
@@ -78,6 +79,7 @@ class ExpertsRecipe:
     holdout: float = 0.3
     fusion_lr: float = 1e-3  # the fusion starts from scratch; the stage's own lr is for the pretrained vision encoder
     route_weight: float = 0.0
+    select_on_val: bool = False  # keep each expert's best stage-1 state by its domain's --val loss (GuiDG's selection)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@
   (``loss_i`` = the caption loss under expert ``i``), AdamW, cosine.
 
 The result is a BLIP checkpoint folder with the experts beside it (:mod:`reefcap.models.experts`), written
-to ``OUT/best`` and ``OUT/last`` (the same model: selection is GuiDG's, the end of stage 2), with
+to ``OUT/best`` and ``OUT/last`` (the same model: the end of stage 2; with ``select_on_val`` each expert is its
+best stage-1 state on its domain's ``--val`` loss), with
 ``log.jsonl`` and ``reefcap_train.json`` like every run.
 """
 
@@ -52,23 +53,30 @@ def split_domains(records: list, config: ExpertsConfig, holdout: float, seed: in
 
 
 def with_context(decoder: Any, input_ids, attention_mask, labels, ctx):
-    """Decoder inputs with each row's context vectors ``ctx (R, K, H)`` inserted after ``[DEC]``."""
+    """Decoder inputs with each row's context vectors ``ctx (R, K, H)`` inserted after ``[DEC]``, and their
+    position ids (:func:`~reefcap.models.experts.context_positions`)."""
     words = decoder.get_input_embeddings()(input_ids)
     rows, k = ctx.shape[0], ctx.shape[1]
     embeds = torch.cat([words[:, :1], ctx.to(words.dtype), words[:, 1:]], dim=1)
     ones = attention_mask.new_ones(rows, k)
     mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
     ignore = labels.new_full((rows, k), IGNORE)
-    return embeds, mask, torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)
+    positions = (torch.arange(embeds.shape[1]) - k).clamp(min=0)[None].expand(rows, -1)
+    return embeds, mask, torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1), positions
 
 
 def expert_losses(blip, head, image, batch, experts: torch.Tensor) -> torch.Tensor:
     """Per row, the mean token caption loss of caption ``r`` on image ``r`` under expert ``experts[r]``."""
-    embeds, mask, labels = with_context(
+    embeds, mask, labels, positions = with_context(
         blip.text_decoder, batch["input_ids"], batch["attention_mask"], batch["labels"], head.prompts[experts]
     )
     out = blip.text_decoder(
-        inputs_embeds=embeds, attention_mask=mask, encoder_hidden_states=image, labels=labels, reduction="none"
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        encoder_hidden_states=image,
+        labels=labels,
+        reduction="none",
     )
     tokens = (labels[:, 1:] != IGNORE).sum(dim=1).clamp(min=1)
     return out.loss / tokens
@@ -91,7 +99,16 @@ def guidg_step(blip, head, batch, route_weight: float, domains: torch.Tensor | N
 class ExpertsTrainer:
     """Runs the ``guidg`` recipe (see the module docstring) from a start checkpoint."""
 
-    def __init__(self, model: str, recipe: Recipe, config: TrainConfig, out: str | Path, train: list, air: list | None):
+    def __init__(
+        self,
+        model: str,
+        recipe: Recipe,
+        config: TrainConfig,
+        out: str | Path,
+        train: list,
+        air: list | None,
+        val: list | None = None,
+    ):
         if recipe.experts is None or len(recipe.stages) != 2:
             raise ReefcapError(f"recipe {recipe.name!r}: GuiDG needs an `experts:` section and two stages")
         self.recipe, self.config, self.out = recipe, config.validate(), Path(out)
@@ -102,6 +119,7 @@ class ExpertsTrainer:
         records = list(train) + list(air or [])
         self.expert_part, self.held = split_domains(records, self.experts, recipe.experts.holdout, config.seed)
         self.labels = self.experts.labels
+        self.val = [r for r in val or [] if self.domain(r) is not None]
         missing = [d for d in self.labels if not any(self.domain(r) == d for r in self.expert_part)]
         if missing:
             raise ReefcapError(f"no training images for domain(s) {missing}: check the data (and --preserve-data)")
@@ -123,7 +141,7 @@ class ExpertsTrainer:
         domains = np.array([self.labels.index(self.domain(r)) for r in batches.records])
         return batches, domains
 
-    def _loop(self, stage: StageConfig, params, batches, domains, loss_fn, index: int) -> None:
+    def _loop(self, stage: StageConfig, params, batches, domains, loss_fn, index: int, on_epoch=None) -> None:
         total = max(1, round(stage.epochs * len(batches)))
         if self.config.max_steps is not None:
             total = min(total, self.config.max_steps)
@@ -141,6 +159,8 @@ class ExpertsTrainer:
             sched.step()
             opt.zero_grad(set_to_none=True)
             self._log({"type": "train", "stage": index, "step": step + 1, "lr": sched.get_last_lr()[0], **extra})
+            if on_epoch is not None and ((step + 1) % len(batches) == 0 or step + 1 == total):
+                on_epoch(step + 1)
 
     def run(self) -> dict[str, Any]:
         if (self.out / "last").exists():
@@ -181,7 +201,22 @@ class ExpertsTrainer:
             per = {f"loss/{d}": float(done[rows == i].mean()) for i, d in enumerate(self.labels) if (rows == i).any()}
             return losses.mean(), {"loss": float(done.mean()), **per}
 
-        self._loop(stage, [{"params": [head.prompts], "weight_decay": 0.0}], batches, domains, loss_fn, 0)
+        # GuiDG keeps each expert's best checkpoint on its domain's validation part (here: teacher-forced loss).
+        best: dict[int, tuple[float, torch.Tensor]] = {}
+
+        def select(step: int) -> None:
+            losses = self._val_losses(blip, head, processor)
+            self._log({"type": "eval", "stage": 0, "step": step, **{f"val_loss/{d}": v for d, v in losses.items()}})
+            for e, label in enumerate(self.labels):
+                if label in losses and losses[label] < best.get(e, (math.inf,))[0]:
+                    best[e] = (losses[label], head.prompts.detach()[e].clone())
+
+        params = [{"params": [head.prompts], "weight_decay": 0.0}]
+        selecting = self.val and self.recipe.experts.select_on_val
+        self._loop(stage, params, batches, domains, loss_fn, 0, select if selecting else None)
+        with torch.no_grad():
+            for e, (_, prompts) in best.items():
+                head.prompts[e] = prompts
 
     def _stage_fusion(self, blip, head, processor) -> None:
         stage = self.recipe.stages[1]
@@ -206,6 +241,24 @@ class ExpertsTrainer:
         self._loop(stage, groups, batches, domains, loss_fn, 1)
         blip.requires_grad_(False)
         blip.eval()
+
+    @torch.no_grad()
+    def _val_losses(self, blip, head, processor) -> dict[str, float]:
+        """Mean caption loss of each domain's validation images (first caption) under that domain's expert."""
+        from reefcap.models.images import load_image
+
+        from .labels import build_targets
+
+        sums: dict[str, list[float]] = {}
+        for start in range(0, len(self.val), 64):
+            chunk = self.val[start : start + 64]
+            pixels = processor.image_processor(images=[load_image(r.path) for r in chunk], return_tensors="pt")
+            batch = build_targets(processor.tokenizer, [r.captions[0] for r in chunk], max_words=self.config.max_words)
+            rows = torch.tensor([self.labels.index(self.domain(r)) for r in chunk])
+            image = blip.vision_model(pixel_values=pixels["pixel_values"]).last_hidden_state
+            for label, loss in zip(chunk, expert_losses(blip, head, image, batch, rows).tolist(), strict=True):
+                sums.setdefault(self.domain(label), []).append(loss)
+        return {d: round(sum(v) / len(v), 5) for d, v in sums.items()}
 
     @torch.no_grad()
     def _routing(self, blip, head, processor) -> float:

@@ -167,5 +167,6 @@ def _run_experts(recipe: Recipe, config: TrainConfig, inputs: RunInputs, out: Pa
     from .experts import ExpertsTrainer
 
     air = load_records(inputs.preserve_data) if inputs.preserve_data else None
-    trainer = ExpertsTrainer(inputs.model, recipe, config, out, load_records(inputs.data), air)
+    val = load_records(inputs.val) if inputs.val else None
+    trainer = ExpertsTrainer(inputs.model, recipe, config, out, load_records(inputs.data), air, val)
     return trainer.run()

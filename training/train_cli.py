@@ -129,6 +129,7 @@ def _compare(args: argparse.Namespace) -> int:
         meteor=not args.no_meteor,
         epochs_scale=args.epochs_scale,
         lr_scale=args.lr_scale,
+        first_seed=args.first_seed,
     )
     report = run_compare(
         compare, _train_config(args), _inputs(args), override=args.resume_override, progress=not args.no_progress
@@ -211,6 +212,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_ = sub.add_parser("compare", help="train several recipes x seeds from one start and report the comparison")
     cmp_.add_argument("--recipes", default="naive,low_lr,visual_only,damf,damf_preserve")
     cmp_.add_argument("--seeds", type=int, default=3)
+    cmp_.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="train seeds FIRST..SEEDS-1 only, e.g. in a second process on the same --work; a later run "
+        "without it reuses every finished run and reports all seeds",
+    )
     _add_run_options(cmp_)
     cmp_.add_argument("--test", required=True, help="underwater test captions")
     cmp_.add_argument("--test-air", help="in-air test captions (forgetting)")
