@@ -249,3 +249,41 @@ def test_server_answers_water_type_per_image_through_the_default_onnx_backend(
     assert sum(counted.values()) == 2 * len(files)
     served = [r["water_type"]["label"] for r in together]
     assert all(counted[d] == 2 * served.count(d) for d in counted)
+
+
+def test_training_and_serving_give_an_expert_the_same_next_token_logits(experts_model, photos):
+    """The trainer's view of an expert (HF decoder, inputs_embeds, position ids) and the engines' graphs
+    (extended embedding table, positions from the cache length) must be the same function."""
+    import torch
+
+    from reefcap.models.experts import load_experts
+    from reefcap.models.experts_graphs import context_ids, experts_decoder, experts_encoder
+    from reefcap.models.images import load_image
+    from reefcap.models.registry import resolve_model
+    from reefcap.models.torch_engine import load_blip
+    from reefcap.training.experts import with_context
+
+    blip, processor = load_blip(resolve_model(str(experts_model)))
+    head = load_experts(experts_model, blip)
+    pixels = processor.image_processor(images=[load_image(photos[0])], return_tensors="pt")["pixel_values"]
+    tokens = [blip.config.text_config.bos_token_id, *processor.tokenizer("a picture of a fish")["input_ids"][1:-1]]
+    ids = torch.tensor([tokens])
+    text = blip.config.text_config
+    ctx = context_ids(text.vocab_size, len(DOMAINS), head.config.context)
+    weights, *cross = experts_encoder(blip, head)(pixels)
+    decoder = experts_decoder(blip, head)
+    dim = text.hidden_size // text.num_attention_heads
+    with torch.no_grad():
+        image = blip.vision_model(pixel_values=pixels).last_hidden_state
+        for e in range(len(DOMAINS)):
+            embeds, mask, _, positions = with_context(
+                blip.text_decoder, ids, torch.ones_like(ids), ids, head.prompts[[e]]
+            )
+            out = blip.text_decoder(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, encoder_hidden_states=image
+            )
+            row = torch.tensor([[tokens[0], *ctx[e], *tokens[1:]]])
+            past = [torch.zeros(1, text.num_attention_heads, 0, dim)] * (2 * text.num_hidden_layers)
+            served = decoder(row, torch.tensor([0]), *past, *cross)[0][0]
+            assert torch.allclose(out.logits[0, -1], served, atol=1e-4)
+    assert torch.allclose(weights, head.weights(image), atol=1e-6) and weights.sum().item() == pytest.approx(1)
