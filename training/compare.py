@@ -124,6 +124,7 @@ class CompareConfig:
     epochs_scale: float = 1.0
     lr_scale: float = 1.0
     first_seed: int = 0  # train only seeds first_seed..seeds-1 (a second process sharing the work of one grid)
+    report_only: bool = False  # train nothing: report the runs already finished in `work`
 
 
 def run_compare(
@@ -161,6 +162,8 @@ def run_compare(
             # NAME@BASE: the run starts from the same seed's BASE run (e.g. guidg@damf: experts on DAMF's model).
             base = name.partition("@")[2]
             run_inputs = replace(inputs, model=str(work / base / f"seed{seed}" / "best")) if base else inputs
+            if compare.report_only and not (out / "last").is_dir():
+                continue
             if not (out / "last").is_dir():
                 resume = (out / "checkpoint").is_dir() and recipe.experts is None
                 run_config = replace(config, seed=seed)

@@ -130,6 +130,7 @@ def _compare(args: argparse.Namespace) -> int:
         epochs_scale=args.epochs_scale,
         lr_scale=args.lr_scale,
         first_seed=args.first_seed,
+        report_only=args.report_only,
     )
     report = run_compare(
         compare, _train_config(args), _inputs(args), override=args.resume_override, progress=not args.no_progress
@@ -225,6 +226,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--work", required=True, help="folder for the runs (one per recipe and seed)")
     cmp_.add_argument("--report", required=True, help="Markdown report to write (plots beside it)")
     cmp_.add_argument("--title", default="Protocol comparison")
+    cmp_.add_argument(
+        "--report-only", action="store_true", help="train nothing: report the runs already finished in --work"
+    )
     cmp_.add_argument("--no-meteor", action="store_true")
     cmp_.set_defaults(handler=_compare)
 
