@@ -287,3 +287,14 @@ def test_training_and_serving_give_an_expert_the_same_next_token_logits(experts_
             served = decoder(row, torch.tensor([0]), *past, *cross)[0][0]
             assert torch.allclose(out.logits[0, -1], served, atol=1e-4)
     assert torch.allclose(weights, head.weights(image), atol=1e-6) and weights.sum().item() == pytest.approx(1)
+
+
+def test_caption_cli_lines_carry_water_type(experts_model, photos, tmp_path, capsys):
+    from reefcap.cli import main
+
+    out = tmp_path / "out.jsonl"
+    args = ["caption", *map(str, photos[:2]), "--model", str(experts_model), "--backend", "torch"]
+    assert main([*args, "--fallback", "none", "--greedy", "-o", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 2 and all(line["water_type"]["label"] in DOMAINS for line in lines)
+    capsys.readouterr()
