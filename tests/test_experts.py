@@ -172,6 +172,7 @@ def test_guidg_trains_from_the_recipe_and_the_result_serves_water_types(reefscen
     assert len(predictions) == payload["metrics"]["images"]
     assert all(p["water_type"]["label"] in labels for p in predictions)
     capsys.readouterr()
+    assert main([*args, "--resume"]) == 2 and "cannot --resume" in capsys.readouterr().err
     # Without in-air data the in-air expert has nothing to learn from: a one-line error before any training.
     args_no_air = args[:-2] + ["--out", str(tmp_path / "again")]
     assert main(args_no_air) == 2

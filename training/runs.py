@@ -145,6 +145,8 @@ def run_training(
 
     out = Path(out)
     if recipe.experts is not None:
+        if resume:  # a GuiDG run is minutes long and keeps no resume checkpoint: say so rather than start over
+            raise ReefcapError(f"recipe {recipe.name!r} (water-type experts) cannot --resume; rerun it in a new --out")
         return _run_experts(recipe, config, inputs, out)
     if recipe.preserve is None:  # in-air captions are read only by preserving recipes: not part of the setup
         inputs = replace(inputs, preserve_data=None)
