@@ -16,6 +16,7 @@ from reefcap.models.errors import ModelLoadError
 from reefcap.models.experts import EXPERTS_WEIGHTS, ExpertsConfig, is_experts, modules, save_experts
 
 DOMAINS = {"clear": ["I", "IA", "IB"], "ocean": ["II", "III"], "coastal": ["1C", "3C", "5C"], "in_air": []}
+BUNDLED = "reefscenes-tiny-guidg"
 
 
 @pytest.fixture(scope="module")
@@ -219,37 +220,65 @@ def test_compare_refuses_a_run_that_starts_from_a_later_recipe(tmp_path, capsys)
     assert "list damf before it" in capsys.readouterr().err
 
 
-def test_server_answers_water_type_per_image_through_the_default_onnx_backend(
-    experts_model, onnx_cache, photos, tmp_path
-):
+@pytest.fixture(scope="module")
+def guidg_cache(tmp_path_factory) -> Path:
+    """A REEFCAP_CACHE holding the bundled experts model's fp32 export where first use would put it."""
+    from reefcap.models.onnx_export import export_onnx
+    from reefcap.models.registry import resolve_model
+    from reefcap.models.torch_engine import weights_version
+
+    cache = tmp_path_factory.mktemp("guidg-cache")
+    export_onnx(BUNDLED, cache / "onnx" / f"{weights_version(resolve_model(BUNDLED).path)}-fp32")
+    return cache
+
+
+def test_bundled_experts_model_matches_its_manifest():
+    from reefcap.models.registry import sha256_file, zoo_models
+
+    path = zoo_models()[BUNDLED]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert {"reefcap_experts.json", "reefcap_experts.safetensors", "model.safetensors"} <= set(manifest["files"])
+    assert all(sha256_file(path / f) == h for f, h in manifest["files"].items())
+    for split in ("underwater", "surface"):
+        assert {"CIDEr", "Bleu_4", "METEOR", "ROUGE_L"} <= set(manifest["metrics"][split])
+    assert manifest["recipe"] == "guidg_routed" and is_experts(path)
+
+
+def test_server_answers_water_type_per_image_through_the_default_onnx_backend(guidg_cache, photos, tmp_path):
+    """`reefcap serve --model reefscenes-tiny-guidg`: ONNX Runtime (the default backend), a water type per image
+    whatever the batch, counted in Prometheus by estimated type."""
     import httpx
     from server_helpers import LiveServer, metric
 
-    env = {"REEFCAP_MODEL": str(experts_model), "REEFCAP_FALLBACK": "none", "REEFCAP_DEVICE": "cpu"}
-    env |= {"REEFCAP_CACHE": str(onnx_cache), "REEFCAP_FEEDBACK_DB": str(tmp_path / "fb.sqlite3")}
+    env = {"REEFCAP_MODEL": BUNDLED, "REEFCAP_FALLBACK": "none", "REEFCAP_DEVICE": "cpu"}
+    env |= {"REEFCAP_CACHE": str(guidg_cache), "REEFCAP_FEEDBACK_DB": str(tmp_path / "fb.sqlite3")}
     srv = LiveServer(env, tmp_path / "server.log")  # REEFCAP_BACKEND unset: auto, i.e. ONNX Runtime
     try:
         files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:4]]
         together = httpx.post(srv.url + "/v1/captions", files=files, timeout=60).json()["results"]
-        alone = [httpx.post(srv.url + "/v1/captions", files=[f], timeout=60).json()["results"][0] for f in files[::-1]][
-            ::-1
-        ]
+        alone = [httpx.post(srv.url + "/v1/captions", files=[f], timeout=60).json()["results"][0] for f in files]
         text = srv.metrics()
     finally:
         srv.stop()
-    assert all(r["model"]["backend"] == "onnx" for r in together)
+    domains = json.loads((resolve_zoo() / "reefcap_experts.json").read_text())["domains"]
+    assert all(r["model"]["backend"] == "onnx" and r["model"]["name"] == BUNDLED for r in together)
     assert [r["caption"] for r in together] == [r["caption"] for r in alone]
     assert [r["water_type"]["label"] for r in together] == [r["water_type"]["label"] for r in alone]
-    assert all(r["water_type"]["label"] in DOMAINS and 0 < r["water_type"]["probability"] <= 1 for r in together)
-    name = experts_model.name
-    counted = {
-        d: metric(text, "reefcap_water_type_images_total", model=name, water_type=d)
-        for d in DOMAINS
-        if f'water_type="{d}"' in text
-    }
-    assert sum(counted.values()) == 2 * len(files)
+    assert all(r["water_type"]["label"] in domains and 0 < r["water_type"]["probability"] <= 1 for r in together)
     served = [r["water_type"]["label"] for r in together]
-    assert all(counted[d] == 2 * served.count(d) for d in counted)
+    for label in domains:
+        if label in served:
+            assert metric(text, "reefcap_water_type_images_total", model=BUNDLED, water_type=label) == 2 * served.count(
+                label
+            )
+        else:
+            assert f'water_type="{label}"' not in text
+
+
+def resolve_zoo() -> Path:
+    from reefcap.models.registry import zoo_models
+
+    return zoo_models()[BUNDLED]
 
 
 def test_training_and_serving_give_an_expert_the_same_next_token_logits(experts_model, photos):
