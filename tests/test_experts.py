@@ -244,22 +244,32 @@ def test_bundled_experts_model_matches_its_manifest():
     assert manifest["recipe"] == "guidg_routed" and is_experts(path)
 
 
-def test_server_answers_water_type_per_image_through_the_default_onnx_backend(guidg_cache, photos, tmp_path):
-    """`reefcap serve --model reefscenes-tiny-guidg`: ONNX Runtime (the default backend), a water type per image
-    whatever the batch, counted in Prometheus by estimated type."""
-    import httpx
-    from server_helpers import LiveServer, metric
+@pytest.fixture(scope="module")
+def guidg_server(guidg_cache, tmp_path_factory):
+    """`reefcap serve --model reefscenes-tiny-guidg` with REEFCAP_BACKEND unset: auto, i.e. ONNX Runtime."""
+    from server_helpers import LiveServer
 
+    tmp = tmp_path_factory.mktemp("guidg-server")
     env = {"REEFCAP_MODEL": BUNDLED, "REEFCAP_FALLBACK": "none", "REEFCAP_DEVICE": "cpu"}
-    env |= {"REEFCAP_CACHE": str(guidg_cache), "REEFCAP_FEEDBACK_DB": str(tmp_path / "fb.sqlite3")}
-    srv = LiveServer(env, tmp_path / "server.log")  # REEFCAP_BACKEND unset: auto, i.e. ONNX Runtime
-    try:
-        files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:4]]
-        together = httpx.post(srv.url + "/v1/captions", files=files, timeout=60).json()["results"]
-        alone = [httpx.post(srv.url + "/v1/captions", files=[f], timeout=60).json()["results"][0] for f in files]
-        text = srv.metrics()
-    finally:
-        srv.stop()
+    env |= {"REEFCAP_CACHE": str(guidg_cache), "REEFCAP_FEEDBACK_DB": str(tmp / "fb.sqlite3")}
+    srv = LiveServer(env, tmp / "server.log")
+    yield srv
+    srv.stop()
+
+
+def test_server_answers_water_type_per_image_through_the_default_onnx_backend(guidg_server, photos):
+    """ONNX Runtime (the default backend), a water type per image whatever the batch, counted in Prometheus by
+    estimated type."""
+    import httpx
+    from server_helpers import metric
+
+    srv = guidg_server
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:4]]
+    before = srv.metrics()
+    together = httpx.post(srv.url + "/v1/captions", files=files, timeout=60).json()["results"]
+    alone = [httpx.post(srv.url + "/v1/captions", files=[f], timeout=60).json()["results"][0] for f in files]
+    text = srv.metrics()
+    assert "reefcap_water_type_images_total{" not in before
     domains = json.loads((resolve_zoo() / "reefcap_experts.json").read_text())["domains"]
     assert all(r["model"]["backend"] == "onnx" and r["model"]["name"] == BUNDLED for r in together)
     assert [r["caption"] for r in together] == [r["caption"] for r in alone]
@@ -273,6 +283,36 @@ def test_server_answers_water_type_per_image_through_the_default_onnx_backend(gu
             )
         else:
             assert f'water_type="{label}"' not in text
+
+
+@pytest.mark.heavy  # a headless Chromium
+def test_web_page_shows_the_water_type(guidg_server, photos):
+    import os
+
+    import httpx
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=args)
+        try:
+            page = browser.new_page()
+            page.goto(guidg_server.url + "/")
+            page.set_input_files("#file", str(photos[1]))
+            page.click("#submit")
+            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            shown = page.text_content("#water-type")
+        finally:
+            browser.close()
+    files = [("images", ("x.jpg", photos[1].read_bytes(), "image/jpeg"))]
+    water = httpx.post(guidg_server.url + "/v1/captions", files=files, timeout=60).json()["results"][0]["water_type"]
+    assert shown == f"{water['label']} ({water['probability']:.2f})"
 
 
 def resolve_zoo() -> Path:
