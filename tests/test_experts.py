@@ -145,7 +145,10 @@ def test_guidg_trains_from_the_recipe_and_the_result_serves_water_types(reefscen
     from reefcap.cli import main
 
     out = tmp_path / "run"
-    args = ["train", "--recipe", "guidg", "--model", "reefscenes-tiny", "--out", str(out), "--no-progress"]
+    recipe = tmp_path / "guidg_selected.yaml"  # GuiDG's per-expert selection on its domain's validation loss
+    recipe.write_text("base: guidg\nexperts:\n  select_on_val: true\n")
+    args = ["train", "--recipe", str(recipe), "--model", "reefscenes-tiny", "--out", str(out), "--no-progress"]
+    args += ["--val", str(reefscenes / "underwater" / "val.json")]
     args += ["--data", str(reefscenes / "underwater" / "train.json"), "--batch-size", "4", "--max-steps", "2"]
     args += ["--preserve-data", str(reefscenes / "surface" / "train.json")]
     assert main(args) == 0
@@ -153,6 +156,8 @@ def test_guidg_trains_from_the_recipe_and_the_result_serves_water_types(reefscen
     assert summary["finished"] and 0 <= summary["routing_accuracy_holdout"] <= 1
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["name"] for e in log if e["type"] == "stage"] == ["experts", "fusion"]
+    evals = [e for e in log if e["type"] == "eval"]
+    assert evals and all(v > 0 for e in evals for k, v in e.items() if k.startswith("val_loss/"))
     assert all(e["loss"] > 0 for e in log if e["type"] == "train")
     best = out / "best"
     assert is_experts(best) and (best / "model.safetensors").is_file()
