@@ -1,7 +1,7 @@
 """Offline batch captioning: the same engines and captioning policy the server uses (primary, fallback,
 degenerate-caption replacement, circuit breaker: :mod:`reefcap.models.policy`), driven over a list of inputs.
 
-Each input yields one record, in input order: ``{"image", "caption", "model", "confidence", "fallback"}``
+Each input yields one record, in input order: ``{"image", "caption", "model", "confidence", "water_type", "fallback"}``
 (``fallback`` is the server's ``{"used", "reason"}``) or, for an input that cannot be decoded,
 ``{"image", "error", "code"}``; with ``quality`` a caption record also has the server's ``"quality": {"uiqm",
 "uciqe"}`` of the input. A bad image never stops the run. Images are decoded on a thread pool one
@@ -39,6 +39,7 @@ def caption_record(name: str, served: Served) -> dict[str, Any]:
         "caption": c.caption,
         "model": c.model,
         "confidence": c.confidence,
+        "water_type": c.water_type,
         "fallback": served.fallback,
     }
 

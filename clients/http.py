@@ -57,6 +57,7 @@ class CaptionResult:
     request_id: str
     raw: dict[str, Any] = field(repr=False, compare=False)
     index: int = 0  # the image's position in its request: feedback names (request_id, index)
+    water_type: dict[str, Any] | None = None  # {"label", "probability"} from a water-type experts model
 
     @classmethod
     def from_response(cls, item: dict[str, Any], request_id: str) -> CaptionResult:
@@ -74,6 +75,7 @@ class CaptionResult:
             request_id=request_id,
             raw=item,
             index=int(item.get("index", 0)),
+            water_type=item.get("water_type"),
         )
 
 
@@ -322,6 +324,7 @@ def run_on_server(
                     "caption": answer.caption,
                     "model": answer.model,
                     "confidence": answer.confidence,
+                    "water_type": answer.water_type,
                     "fallback": {"used": answer.fallback, "reason": answer.fallback_reason},  # as in local mode
                     # What `reefcap feedback post` needs to attach references to this caption later.
                     "request_id": answer.request_id,

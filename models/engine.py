@@ -90,12 +90,16 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Caption:
-    """One image's caption. ``confidence`` is the mean log-probability of the generated tokens (<= 0)."""
+    """One image's caption. ``confidence`` is the mean log-probability of the generated tokens (<= 0).
+
+    ``water_type`` is ``{"label", "probability"}`` from a water-type experts model (its fusion weights), else None.
+    """
 
     caption: str
     model: str
     confidence: float
     tokens: int
+    water_type: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -188,6 +188,10 @@ class OnnxCaptionEngine(CaptionEngine):
         if threads is None:
             threads = int(os.environ.get(THREADS_ENV, "0") or 0)
         device = f"{kind}:{index}" if kind == "cuda" else "cpu"
+        if cls is OnnxCaptionEngine and manifest.get("experts"):
+            from .experts_onnx import OnnxExpertsEngine  # water-type experts: same graphs, more decoder rows
+
+            cls = OnnxExpertsEngine
         return cls(folder, manifest, config, device, threads)
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -111,6 +111,7 @@ def _wrappers():
             self.lm_weight = nn.Parameter(self.head.decoder.weight.detach().t().contiguous(), requires_grad=False)
             self.n_heads = blip.config.text_config.num_attention_heads
             self.n_layers = len(self.layers)
+            self.context = 0  # water-type experts: K context rows after [DEC] that take no position (experts_graphs)
 
         def attend(self, q, k, v, mask=None):
             scores = torch.matmul(q, k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
@@ -128,7 +129,8 @@ def _wrappers():
             start = past[0].shape[2]
             positions = torch.arange(length, device=input_ids.device) + start
             emb = self.embeddings
-            h = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions)[None])
+            at = (positions - self.context).clamp(min=0) if self.context else positions
+            h = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(at)[None])
             # Causal mask over [cache, new tokens]: query i (at position start+i) sees keys 0..start+i.
             keys = torch.arange(start + length, device=input_ids.device)
             blocked = keys[None, :] > positions[:, None]
@@ -159,8 +161,12 @@ def _wrappers():
     return Encoder, Decoder
 
 
-def _export_graphs(blip: Any, out: Path, opset: int) -> None:
+def _export_graphs(blip: Any, out: Path, opset: int, experts: Any = None) -> None:
+    """Write both graphs; with ``experts`` (water-type experts, see ``experts_graphs``) the encoder also outputs
+    the fusion weights and the decoder's embedding table holds the experts' context rows."""
     import torch
+
+    from .experts_graphs import WEIGHTS_OUTPUT, experts_decoder, experts_encoder
 
     Encoder, Decoder = _wrappers()
     cfg = blip.config
@@ -176,15 +182,18 @@ def _export_graphs(blip: Any, out: Path, opset: int) -> None:
     present_names = [f"present_{n}" for n in layer_names]
 
     pixels = torch.randn(2, 3, size, size)
+    encoder = experts_encoder(blip, experts) if experts is not None else Encoder(blip).eval()
+    decoder = experts_decoder(blip, experts) if experts is not None else Decoder(blip).eval()
+    enc_names = [WEIGHTS_OUTPUT, *cross_names] if experts is not None else cross_names
     with torch.inference_mode():
         _onnx_export(
-            Encoder(blip).eval(),
+            encoder,
             (pixels,),
             out / ENCODER,
             opset,
             ["pixel_values"],
-            cross_names,
-            {"pixel_values": {0: "images"}, **{n: {0: "images"} for n in cross_names}},
+            enc_names,
+            {"pixel_values": {0: "images"}, **{n: {0: "images"} for n in enc_names}},
         )
         # Trace with 2 images x 2 beams and a non-empty cache so no dimension is specialised to a constant.
         rows, past_len = 4, 3
@@ -197,7 +206,7 @@ def _export_graphs(blip: Any, out: Path, opset: int) -> None:
         axes.update({n: {0: "images", 2: "image_tokens"} for n in cross_names})
         axes.update({"logits": {0: "rows"}, **{n: {0: "rows", 2: "total"} for n in present_names}})
         _onnx_export(
-            Decoder(blip).eval(),
+            decoder,
             (ids, beam_idx, *past, *cross),
             out / DECODER,
             opset,
@@ -315,6 +324,7 @@ def export_onnx(model: str | ResolvedModel, out: str | Path, precision: str = "f
     import torch
     import transformers
 
+    from .experts import is_experts, load_experts
     from .torch_engine import load_blip, weights_version
 
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
@@ -322,9 +332,10 @@ def export_onnx(model: str | ResolvedModel, out: str | Path, precision: str = "f
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     blip, processor = load_blip(resolved, torch.float32)
+    experts = load_experts(resolved.path, blip) if is_experts(resolved.path) else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _export_graphs(blip, tmp, opset)
+        _export_graphs(blip, tmp, opset, experts)
         if precision == "fp16":
             _to_fp16(tmp)
         elif precision == "int8":
@@ -341,7 +352,8 @@ def export_onnx(model: str | ResolvedModel, out: str | Path, precision: str = "f
             "opset": opset,
             "exporter": f"torch.onnx TorchScript exporter, torch {torch.__version__}",
             "versions": {"transformers": transformers.__version__, "onnx": onnx.__version__},
-            "parameters": sum(p.numel() for p in blip.parameters()),
+            "parameters": sum(p.numel() for m in (blip, experts) if m is not None for p in m.parameters()),
+            **({"experts": experts.config.to_dict()} if experts is not None else {}),
             "decoder": {
                 "layers": text.num_hidden_layers,
                 "heads": text.num_attention_heads,

@@ -79,6 +79,10 @@ class TorchCaptionEngine(CaptionEngine):
             raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
         resolved = resolve_model(model)
         blip, processor = load_blip(resolved, DTYPES[config.dtype])
+        if cls is TorchCaptionEngine and (resolved.path / "reefcap_experts.json").is_file():
+            from .experts_torch import TorchExpertsEngine  # water-type experts: same checkpoint, more rows
+
+            cls = TorchExpertsEngine
         return cls(blip.to(pick_device(config.device)), processor, resolved, config)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:

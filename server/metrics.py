@@ -95,3 +95,9 @@ class Metrics:
             registry=r,
         )
         self.feedback = Counter("reefcap_feedback_references_total", "Reference captions received", registry=r)
+        self.water_types = Counter(
+            "reefcap_water_type_images_total",
+            "Images served by a water-type experts model, by its estimated water type",
+            ["model", "water_type"],
+            registry=r,
+        )

@@ -158,6 +158,7 @@ class CaptionService:
                     "fallback": s.fallback,
                     "confidence": s.caption.confidence,
                     "tokens": s.caption.tokens,
+                    "water_type": s.caption.water_type,
                     "latency_ms": latency_ms,
                     "quality": {"uiqm": d.uiqm, "uciqe": d.uciqe},
                 }
@@ -191,6 +192,8 @@ class CaptionService:
         m.images.labels(model=s.info.name).inc()
         m.caption_words.observe(len(s.caption.caption.split()))
         m.confidence.observe(s.caption.confidence)
+        if s.caption.water_type:  # water-type experts only: their estimate for this image
+            m.water_types.labels(model=s.info.name, water_type=s.caption.water_type["label"]).inc()
         if d.uiqm is not None:
             m.uiqm.observe(d.uiqm)
         if d.uciqe is not None:

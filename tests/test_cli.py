@@ -28,7 +28,7 @@ def test_caption_prints_one_json_line_per_image(cli_model, euvp_images):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(euvp_images[0]), str(euvp_images[1])]
     for line in lines:
-        assert set(line) == {"image", "caption", "model", "confidence", "fallback"}
+        assert set(line) == {"image", "caption", "model", "confidence", "water_type", "fallback"}
         assert line["fallback"] == {"used": False, "reason": None}
         assert line["model"] == "m" and line["confidence"] <= 0 and isinstance(line["caption"], str)
 

@@ -23,18 +23,28 @@ from .runs import RunInputs, run_training, scaled_recipe
 
 TABLE_UNDERWATER = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 TABLE_COLLAPSE = ("repetition_rate", "distinct_2", "empty_or_one_word")
+# Water domains for the per-domain columns: the grouping GuiDG's recipe declares (and explains).
+DOMAIN_RECIPE = "guidg"
+DOMAIN_KEY = "domains"  # per-domain scores of every split, under this key of an evaluation
 
 
 def _evaluate(model: str | Path, splits: dict[str, Path], cache: Path, meteor: bool) -> dict[str, dict]:
     if cache.is_file():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        if DOMAIN_KEY in cached:  # made before per-domain scores: evaluate again
+            return cached
     from reefcap.models.backends import load_engine
 
     from .data import load_records
-    from .evaluation import evaluate
+    from .evaluation import domain_metrics, evaluate
 
+    domains = load_recipe(DOMAIN_RECIPE).experts.domains
     engine = load_engine(str(model))
-    out = {name: evaluate(engine, load_records(path), meteor=meteor)[0] for name, path in splits.items()}
+    out: dict[str, dict] = {DOMAIN_KEY: {}}
+    for name, path in splits.items():
+        records = load_records(path)
+        out[name], predictions = evaluate(engine, records, meteor=meteor)
+        out[DOMAIN_KEY].update(domain_metrics(records, predictions, domains))
     write_json(cache, out)
     return out
 
@@ -113,6 +123,8 @@ class CompareConfig:
     meteor: bool = True
     epochs_scale: float = 1.0
     lr_scale: float = 1.0
+    first_seed: int = 0  # train only seeds first_seed..seeds-1 (a second process sharing the work of one grid)
+    report_only: bool = False  # train nothing: report the runs already finished in `work`
 
 
 def run_compare(
@@ -123,7 +135,14 @@ def run_compare(
     A run with a checkpoint but no ``last/`` is resumed; its saved setup must match (or ``override``).
     """
     # Every name loaded first: a typo fails before any training.
-    recipes = {n: scaled_recipe(load_recipe(n), compare.epochs_scale, compare.lr_scale) for n in compare.recipes}
+    recipes = {
+        n: scaled_recipe(load_recipe(n.partition("@")[0]), compare.epochs_scale, compare.lr_scale)
+        for n in compare.recipes
+    }
+    for i, n in enumerate(compare.recipes):
+        base = n.partition("@")[2]
+        if base and base not in compare.recipes[:i]:
+            raise ReefcapError(f"--recipes: {n} starts from {base}'s runs: list {base} before it")
     if any(r.preserve for r in recipes.values()) and not inputs.preserve_data:
         raise ReefcapError("a recipe with knowledge preservation is listed: pass --preserve-data (in-air captions)")
     if compare.seeds < 1:
@@ -136,19 +155,48 @@ def run_compare(
     start_eval = _evaluate(inputs.model, splits, work / "start-eval.json", compare.meteor)
     results: dict[str, list[dict]] = {"start": [start_eval]}
     runs: dict[str, list[Path]] = {}
-    for name, recipe in recipes.items():
-        for seed in range(compare.seeds):
+    # Seed-major, and the report rewritten after every run: an interrupted grid still reports what finished.
+    for seed in range(compare.first_seed, compare.seeds):
+        for name, recipe in recipes.items():
             out = work / name / f"seed{seed}"
+            # NAME@BASE: the run starts from the same seed's BASE run (e.g. guidg@damf: experts on DAMF's model).
+            base = name.partition("@")[2]
+            run_inputs = replace(inputs, model=str(work / base / f"seed{seed}" / "best")) if base else inputs
+            if compare.report_only and not (out / "last").is_dir():
+                continue
             if not (out / "last").is_dir():
-                resume = (out / "checkpoint").is_dir()
+                resume = (out / "checkpoint").is_dir() and recipe.experts is None
                 run_config = replace(config, seed=seed)
-                run_training(recipe, run_config, inputs, out, resume=resume, override=override, progress=progress)
+                run_training(recipe, run_config, run_inputs, out, resume=resume, override=override, progress=progress)
             runs.setdefault(name, []).append(out)
             results.setdefault(name, []).append(_evaluate(out / "best", splits, out / "test-eval.json", compare.meteor))
+            _write_report(compare, inputs, results, splits, runs)
+    return report
+
+
+def _write_report(compare: CompareConfig, inputs: RunInputs, results, splits, runs) -> None:
+    report = Path(compare.report)
     write_json(report.with_suffix(".json"), {"splits": {k: str(v) for k, v in splits.items()}, "results": results})
     plots = _plots(runs, report.parent, report.stem)
     report.write_text(_markdown(compare, inputs, results, splits, plots))
-    return report
+
+
+def _domain_table(results: dict[str, list[dict]]) -> list[str]:
+    """Per water domain (the ``guidg`` recipe's grouping; ``in_air`` = the in-air test split): CIDEr and BLEU-4,
+    and the water-type estimate's accuracy for models that make one (weighted by images)."""
+    labels = list(load_recipe(DOMAIN_RECIPE).experts.domains)
+    head = ["protocol", *[f"{d} {m}" for d in labels for m in ("CIDEr", "BLEU-4")], "routing accuracy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, runs in results.items():
+        per = [r.get(DOMAIN_KEY, {}) for r in runs]
+        cells = [_mean_std([p[d][k] for p in per if d in p]) for d in labels for k in ("CIDEr", "Bleu_4")]
+        routed = [
+            sum(m["routing_accuracy"] * m["images"] for m in p.values()) / sum(m["images"] for m in p.values())
+            for p in per
+            if p and all("routing_accuracy" in m for m in p.values())
+        ]
+        lines.append(f"| {name} | " + " | ".join([*cells, _mean_std(routed)]) + " |")
+    return lines
 
 
 def _markdown(
@@ -167,6 +215,7 @@ def _markdown(
     for name, runs in results.items():
         cells = [_mean_std([r[s][k] for r in runs if k in r.get(s, {})]) for s, k in cols]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", *_domain_table(results)]
     order = sorted(
         (n for n in results if n != "start"),
         key=lambda n: -statistics.fmean(r["underwater"]["CIDEr"] for r in results[n]),

@@ -19,6 +19,8 @@ from reefcap.models.errors import ReefcapError
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 GROUPS = ("vision", "coupling", "decoder", "lm_head")
+# Groups only GuiDG's recipe trains (its `experts:` section): the experts' context vectors, the fusion module.
+EXPERT_GROUPS = ("prompts", "fusion")
 SCHEDULES = ("cosine", "linear", "constant")
 TRAIN_CONFIG_FILE = "reefcap_train.json"
 
@@ -36,7 +38,7 @@ class StageConfig:
     weight_decay: float = 0.05
 
     def validate(self) -> StageConfig:
-        bad = [g for g in self.groups if g not in GROUPS]
+        bad = [g for g in self.groups if g not in GROUPS + EXPERT_GROUPS]
         if bad or not self.groups:
             raise ReefcapError(f"stage {self.name!r}: groups must be a non-empty subset of {GROUPS}, got {bad}")
         if self.schedule not in SCHEDULES:
@@ -61,6 +63,26 @@ class PreserveConfig:
 
 
 @dataclass(frozen=True)
+class ExpertsRecipe:
+    """GuiDG's water-type experts (``experts:`` in a recipe; see ``training/experts.py``).
+
+    ``domains`` maps each expert's label to the Jerlov water types it is trained on (``in_air: []`` for the
+    in-air images of ``--preserve-data``); ``context`` is each expert's number of learned context vectors;
+    ``holdout`` the fraction of each domain's scenes kept out of stage 1 for stage 2; ``route_weight`` an
+    optional cross-entropy pull of the fusion weights towards the true domain (0 = GuiDG's loss alone);
+    ``select_on_val`` keeps each expert's best state of stage 1 by its domain's validation loss.
+    """
+
+    domains: dict[str, list[str]] = field(default_factory=dict)
+    context: int = 4
+    heads: int = 4
+    holdout: float = 0.3
+    fusion_lr: float = 1e-3  # the fusion starts from scratch; the stage's own lr is for the pretrained vision encoder
+    route_weight: float = 0.0
+    select_on_val: bool = False  # keep each expert's best stage-1 state by its domain's --val loss (GuiDG's selection)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A training protocol: stages run in order; optional knowledge preservation across all of them."""
 
@@ -69,6 +91,7 @@ class Recipe:
     label_smoothing: float = 0.1
     preserve: PreserveConfig | None = None
     description: str = ""
+    experts: ExpertsRecipe | None = None
 
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with every stage's epochs multiplied by ``factor`` (short runs, comparisons)."""
@@ -193,14 +216,20 @@ def load_recipe(name_or_file: str) -> Recipe:
         raise ReefcapError(f"recipe {name_or_file}: no stages")
     preserve = data.pop("preserve", None)
     preserve_cfg = _build(PreserveConfig, preserve, f"recipe {name_or_file} preserve") if preserve else None
-    return _build(Recipe, {**data, "stages": tuple(stages), "preserve": preserve_cfg}, f"recipe {name_or_file}")
+    experts = data.pop("experts", None)
+    experts_cfg = _build(ExpertsRecipe, experts, f"recipe {name_or_file} experts") if experts else None
+    if experts_cfg is None and any(g in EXPERT_GROUPS for s in stages for g in s.groups):
+        raise ReefcapError(f"recipe {name_or_file}: groups {EXPERT_GROUPS} need an `experts:` section")
+    parts = {"stages": tuple(stages), "preserve": preserve_cfg, "experts": experts_cfg}
+    return _build(Recipe, {**data, **parts}, f"recipe {name_or_file}")
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Rebuild a recipe saved with :meth:`Recipe.to_dict` (resume)."""
     stages = tuple(StageConfig(**{**s, "groups": tuple(s["groups"])}) for s in data["stages"])
     preserve = PreserveConfig(**data["preserve"]) if data.get("preserve") else None
-    return Recipe(**{**data, "stages": stages, "preserve": preserve})
+    experts = ExpertsRecipe(**data["experts"]) if data.get("experts") else None
+    return Recipe(**{**data, "stages": stages, "preserve": preserve, "experts": experts})
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -44,7 +44,8 @@ def generate_captions(
         chunk = records[start : start + batch_size]
         images = [policy.decode(r.path) for r in chunk]
         for rec, served in zip(chunk, policy.caption(images, options), strict=True):
-            results.append({"image_id": rec.image_id, "caption": served.caption.caption})
+            water = served.caption.water_type  # water-type experts only
+            results.append({"image_id": rec.image_id, "caption": served.caption.caption, **water_field(water)})
         bar.update(len(chunk))
     bar.close()
     return results
@@ -67,6 +68,38 @@ def evaluate(
     metrics.update(collapse_metrics([p["caption"] for p in predictions]))
     metrics["images"] = len(records)
     return metrics, predictions
+
+
+def water_field(water: dict[str, Any] | None) -> dict[str, Any]:
+    return {"water_type": water} if water else {}
+
+
+def domain_metrics(
+    records: Sequence, predictions: Sequence[dict[str, Any]], domains: Mapping[str, Sequence[str]], meteor: bool = False
+) -> dict[str, dict[str, float]]:
+    """Scores per water domain (``domains``: label -> Jerlov types, as a GuiDG recipe groups them), from one
+    evaluation's predictions; with a water-type experts model, also the fraction of each domain's images whose
+    estimated water type is that domain (``routing_accuracy``). CIDEr's document frequencies are each subset's."""
+    from reefcap.models.experts import ExpertsConfig
+
+    grouping = ExpertsConfig(domains=domains)
+    by_id = {p["image_id"]: p for p in predictions}
+    parts: dict[str, list] = {}
+    for rec in records:
+        label = grouping.domain_of(rec.metadata)
+        if label is not None and rec.image_id in by_id:
+            parts.setdefault(label, []).append(rec)
+    out = {}
+    for label in (d for d in domains if d in parts):
+        recs = parts[label]
+        preds = {r.image_id: by_id[r.image_id]["caption"] for r in recs}
+        metrics = coco_metrics(preds, {r.image_id: list(r.captions) for r in recs}, meteor=meteor)
+        metrics["images"] = len(recs)
+        routed = [by_id[r.image_id].get("water_type") for r in recs]
+        if all(routed):
+            metrics["routing_accuracy"] = round(sum(w["label"] == label for w in routed) / len(recs), 4)
+        out[label] = metrics
+    return out
 
 
 def write_json(path: Path, payload: Any) -> Path:

@@ -84,7 +84,7 @@ def _eval(args: argparse.Namespace) -> int:
     from reefcap.models.policy import fallback_name, open_policy
 
     from .data import load_records
-    from .evaluation import evaluate, write_json
+    from .evaluation import domain_metrics, evaluate, write_json
 
     # Every flag checked before the data is read or the model loaded: a typo fails at once.
     options = _decode_options(args)
@@ -99,6 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
         policy, records, options, args.batch_size, meteor=not args.no_meteor, progress=not args.no_progress
     )
     info = (policy.primary or policy.fallback).describe()
+    experts = getattr(policy.primary, "experts", None)  # water-type experts: scores and routing per domain
     payload = {
         "model": info.name,
         "version": info.version,
@@ -107,6 +108,7 @@ def _eval(args: argparse.Namespace) -> int:
         "metrics": metrics,
         # Only with --fallback: which model stood in and for how many images (by reason).
         "fallback": {"model": fallback, "images": dict(policy.counts)} if fallback else None,
+        **({"domains": domain_metrics(records, predictions, experts.domains)} if experts else {}),
     }
     pred_path = Path(args.predictions) if args.predictions else None
     if args.out:
@@ -134,6 +136,8 @@ def _compare(args: argparse.Namespace) -> int:
         meteor=not args.no_meteor,
         epochs_scale=args.epochs_scale,
         lr_scale=args.lr_scale,
+        first_seed=args.first_seed,
+        report_only=args.report_only,
     )
     report = run_compare(
         compare, _train_config(args), _inputs(args), override=args.resume_override, progress=not args.no_progress
@@ -228,12 +232,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_ = sub.add_parser("compare", help="train several recipes x seeds from one start and report the comparison")
     cmp_.add_argument("--recipes", default="naive,low_lr,visual_only,damf,damf_preserve")
     cmp_.add_argument("--seeds", type=int, default=3)
+    cmp_.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="train seeds FIRST..SEEDS-1 only, e.g. in a second process on the same --work; a later run "
+        "without it reuses every finished run and reports all seeds",
+    )
     _add_run_options(cmp_)
     cmp_.add_argument("--test", required=True, help="underwater test captions")
     cmp_.add_argument("--test-air", help="in-air test captions (forgetting)")
     cmp_.add_argument("--work", required=True, help="folder for the runs (one per recipe and seed)")
     cmp_.add_argument("--report", required=True, help="Markdown report to write (plots beside it)")
     cmp_.add_argument("--title", default="Protocol comparison")
+    cmp_.add_argument(
+        "--report-only", action="store_true", help="train nothing: report the runs already finished in --work"
+    )
     cmp_.add_argument("--no-meteor", action="store_true")
     cmp_.set_defaults(handler=_compare)
 

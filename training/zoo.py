@@ -24,6 +24,8 @@ MODEL_FILES = (
     "tokenizer_config.json",
     "reefcap_factory.json",
     TRAIN_CONFIG_FILE,
+    "reefcap_experts.json",  # water-type experts models only (GuiDG)
+    "reefcap_experts.safetensors",
 )
 
 
