@@ -48,7 +48,8 @@ def curves(entries: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     train = [e for e in entries if e.get("type") == "train"]
-    evals = [e for e in entries if e.get("type") == "eval"]
+    # Caption-metric validations only: GuiDG's stage 1 logs per-domain validation losses under "eval" too.
+    evals = [e for e in entries if e.get("type") == "eval" and "CIDEr" in e]
     stages = [e for e in entries if e.get("type") == "stage" and e.get("step", 0) > 0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     steps, loss = [e["step"] for e in train], [e["loss"] for e in train]
@@ -112,7 +113,8 @@ def write_run_report(
     figures = [curves(entries, out / "report-curves.png")]
     if val_predictions:
         figures.append(caption_grid(val_records, val_predictions, out / "report-captions.png"))
-    evals = [e for e in entries if e.get("type") == "eval"]
+    # Caption-metric validations only: GuiDG's stage 1 logs per-domain validation losses under "eval" too.
+    evals = [e for e in entries if e.get("type") == "eval" and "CIDEr" in e]
     best = max(evals, key=lambda e: e.get("score", -1.0)) if evals else None
     early = [e for e in entries if e.get("type") == "early_stop"]
     end = next((e for e in reversed(entries) if e.get("type") == "end"), {})
