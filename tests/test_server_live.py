@@ -4,6 +4,7 @@ the Hugging Face InferenceClient, the web page in headless Chromium, and drainin
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -231,7 +232,10 @@ def test_web_workbench_in_headless_chromium(server, euvp_images):
     assert "3 captioned, 0 failed" in status
     for row, path in zip(rows, euvp_images[5:8], strict=True):  # the same answers as the API gives
         direct = httpx.post(
-            server.url + "/v1/captions", headers=AUTH, files=[("images", ("x.jpg", path.read_bytes(), "image/jpeg"))]
+            server.url + "/v1/captions",
+            headers=AUTH,
+            files=[("images", ("x.jpg", path.read_bytes(), "image/jpeg"))],
+            data={"options": json.dumps({"quality": True})},
         ).json()["results"][0]
         assert row["caption"] == direct["caption"] and row["model"].startswith(direct["model"]["name"])
         assert float(row["uiqm"]) == pytest.approx(direct["quality"]["uiqm"], abs=1e-3)
