@@ -151,9 +151,9 @@ def start_reefcap(model: str, tmp: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def start_peer(model: str, max_length: int) -> tuple[subprocess.Popen, int]:
+def start_peer(model: str, max_length: int, threads: int = 1) -> tuple[subprocess.Popen, int]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "reefcap.server.bench_peer", model, "--port", str(port)]
+    cmd = [sys.executable, "-m", "reefcap.server.bench_peer", model, "--port", str(port), "--threads", str(threads)]
     proc = subprocess.Popen([*cmd, "--max-length", str(max_length)], start_new_session=True)
     _wait_ready(proc, f"http://127.0.0.1:{port}/health", 300)
     return proc, port
@@ -173,7 +173,7 @@ def compare(model: str, images: list[bytes], levels: tuple[int, ...], rounds: in
     with tempfile.TemporaryDirectory() as tmp:
         ours, ours_port = start_reefcap(model, Path(tmp))
         try:
-            peer, peer_port = start_peer(model, args.max_length)
+            peer, peer_port = start_peer(model, args.max_length, args.peer_threads)
         except BaseException:
             stop(ours)
             raise
@@ -226,6 +226,15 @@ def cpu_name() -> str:
     return f"unknown CPU, {os.cpu_count()} CPUs"
 
 
+def _litserve_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("litserve")
+    except PackageNotFoundError:
+        raise SystemExit("litserve is not installed: make bench-server installs the bench extra") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, one round, few requests")
@@ -235,19 +244,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-images", type=int, default=4, help="requests per connection on the second model")
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=180.0, help="client-side limit per request, seconds")
+    # torch's default (one thread per core) is what a user starts with, but on this shared 2-vCPU VM one thread
+    # measured faster for the peer: 12.5 vs 231 ms an image (tiny, batch 16) and 4.8 vs 11.9 s (blip-base-shape,
+    # batch 4) at load average 7-8. The peer gets its faster setting; 0 restores torch's default.
+    parser.add_argument("--peer-threads", type=int, default=1, help="the peer's torch threads (0: torch's default)")
+    parser.add_argument("--base-path", help="an existing blip-base-shape checkpoint (else one is made)")
     parser.add_argument("--out", help="also write every row as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.requests, args.base = 1, 2, "none"
 
     print(f"CPU: {cpu_name()}; load client: {CLIENT}; load average now {os.getloadavg()}", flush=True)
+    print(
+        f"peer: LitServe {_litserve_version()}, max_batch_size 16, batch_timeout 10 ms, torch threads "
+        f"{args.peer_threads or 'default'}; reefcap: serve defaults",
+        flush=True,
+    )
     images = _images(23)
     with tempfile.TemporaryDirectory() as tmp:
         model, label = _model(None, Path(tmp))
         results = {label: compare(model, images, (1, 8, 32), args.rounds, args.requests, args)}
         if args.base != "none":
             base = args.base
-            if base == "blip-base-shape":
+            if base == "blip-base-shape" and args.base_path:
+                base = args.base_path
+            elif base == "blip-base-shape":
                 from reefcap.models.factory import init_blip_base_shape
 
                 base = str(init_blip_base_shape(Path(tmp) / "base"))
