@@ -32,7 +32,9 @@ class ServerSettings(BaseSettings):
     fallback: str | None = DEFAULT_FALLBACK  # `reefcap caption` uses the same one
     backend: str = "auto"  # auto = the fastest registered backend that imports (onnx, else torch)
     device: str = "auto"
-    dtype: str = "fp32"
+    # auto: int8 for a checkpoint whose manifest records >= 95% identical greedy captions int8 vs fp32 on this
+    # kind of CPU (models/precision.py; the bundled primary does), served by ONNX on the CPU; fp32 otherwise.
+    dtype: str = "auto"
     # Intra-op threads for PyTorch and ONNX Runtime. 0 = one per core minus one, kept for decoding and HTTP:
     # on a small shared CPU, inference threads fighting the decoding threads made batches up to 20x slower.
     inference_threads: int = Field(0, ge=0)

@@ -17,6 +17,8 @@ import httpx
 import pytest
 from server_helpers import LiveServer, copy_model, corrupt_copy, metric, metric_or_zero
 
+from reefcap.models.precision import cpu_flags
+
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ADMIN = {"Authorization": "Bearer admin-key"}
@@ -94,6 +96,9 @@ def test_default_settings_serve_the_bundled_models_on_onnx(euvp_images, tmp_path
         ready = httpx.get(srv.url + "/readyz", timeout=10).json()
         assert ready["primary"]["name"] == "reefscenes-tiny-damf", ready
         assert ready["primary"]["backend"] == ready["fallback"]["backend"] == "onnx", ready
+        # dtype auto: the bundled primary's stored int8 agreement holds on AVX2 and AVX-512 VNNI CPUs
+        int8 = bool(cpu_flags() & {"avx2", "avx512_vnni"})
+        assert (ready["primary"]["dtype"], ready["fallback"]["dtype"]) == ("int8" if int8 else "fp32", "fp32"), ready
         files = [("images", (euvp_images[0].name, euvp_images[0].read_bytes(), "image/jpeg"))]
         r = httpx.post(srv.url + "/v1/captions", files=files, timeout=60)
         assert r.status_code == 200, r.text
