@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -82,10 +83,9 @@ def tree_cpu_seconds(root: int) -> float:
 
 async def load(port: int, requests: list[bytes], concurrency: int, total: int, timeout_s: float) -> dict:
     """``total`` requests over ``concurrency`` connections; a timed-out or dropped connection is reopened."""
-    latencies, counter, errors = [], iter(range(total)), 0
+    latencies, counter, errors = [], iter(range(total)), Counter()
 
     async def worker() -> None:
-        nonlocal errors
         conn = None
         for i in counter:
             t = time.perf_counter()
@@ -93,11 +93,12 @@ async def load(port: int, requests: list[bytes], concurrency: int, total: int, t
                 conn = conn or await asyncio.open_connection("127.0.0.1", port)
                 status, _ = await asyncio.wait_for(_send(*conn, requests[i % len(requests)]), timeout_s)
                 ok = status == 200
-            except (OSError, asyncio.IncompleteReadError, TimeoutError, StopIteration, ValueError):
-                ok = False
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, StopIteration, ValueError) as exc:
+                ok, status = False, type(exc).__name__
                 conn = conn and conn[1].close()  # a half-read response leaves the connection unusable
             latencies.append((time.perf_counter() - t, ok))
-            errors += not ok
+            if not ok:
+                errors[str(status)] += 1
         if conn:
             conn[1].close()
 
@@ -105,13 +106,15 @@ async def load(port: int, requests: list[bytes], concurrency: int, total: int, t
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     times = [t for t, _ in latencies]
+    failed = sum(errors.values())
     return {
         "concurrency": concurrency,
         "requests": total,
-        "goodput": round((total - errors) / wall, 3),
+        "goodput": round((total - failed) / wall, 3),
         "p50_ms": round(_pct(times, 0.5) * 1000, 1),
         "p99_ms": round(_pct(times, 0.99) * 1000, 1),
-        "errors": errors,
+        "errors": failed,
+        "error_kinds": dict(errors),  # status code, or the client-side exception (a timeout, a dropped connection)
     }
 
 
