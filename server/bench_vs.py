@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="A B rounds per concurrency")
     parser.add_argument("--requests", type=int, default=8, help="requests per connection (tiny model)")
     parser.add_argument("--base", default="blip-base-shape", help="second model: a checkpoint, or 'none'")
+    parser.add_argument("--no-tiny", action="store_true", help="measure only the second model")
     parser.add_argument("--base-images", type=int, default=4, help="requests per connection on the second model")
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=180.0, help="client-side limit per request, seconds")
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     images = _images(23)
     with tempfile.TemporaryDirectory() as tmp:
         model, label = _model(None, Path(tmp))
-        results = {label: compare(model, images, (1, 8, 32), args.rounds, args.requests, args)}
+        results = {} if args.no_tiny else {label: compare(model, images, (1, 8, 32), args.rounds, args.requests, args)}
         if args.base != "none":
             base = args.base
             if base == "blip-base-shape" and args.base_path:
