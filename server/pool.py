@@ -10,6 +10,7 @@ and ``/readyz``, and turns the policy's reports into Prometheus metrics.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -72,6 +73,8 @@ def load_model(model: str, backend: str, config: EngineConfig) -> CaptionEngine:
         return load_engine(model, first, config)
     except Exception as exc:  # e.g. no export possible for this checkpoint: PyTorch still serves it
         log.warning("%s: %s backend could not load it (%s); using torch", model, first, exc)
+        if config.dtype == "int8":  # dtype auto's int8 is an ONNX export; PyTorch serves the checkpoint in fp32
+            config = dataclasses.replace(config, dtype="fp32")
         return load_engine(model, "torch", config)
 
 

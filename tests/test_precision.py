@@ -46,3 +46,22 @@ def test_server_settings_resolve_auto_per_model(tmp_path):
     assert engine_config(torch_only, "reefscenes-tiny-damf").dtype == "fp32"
     explicit = settings.model_copy(update={"dtype": "fp32"})
     assert engine_config(explicit, "reefscenes-tiny-damf").dtype == "fp32"
+
+
+def test_int8_chosen_for_onnx_falls_back_to_fp32_pytorch(monkeypatch):
+    """backend auto: when the ONNX backend cannot load the model, PyTorch serves it, in fp32 (int8 is an export)."""
+    from reefcap.models.engine import EngineConfig
+    from reefcap.server import pool
+
+    calls = []
+
+    def load_engine(model, backend, config):
+        calls.append((backend, config.dtype))
+        if backend == "onnx":
+            raise RuntimeError("no export for this checkpoint")
+        return "an engine"
+
+    monkeypatch.setattr(pool, "load_engine", load_engine)
+    monkeypatch.setattr(pool, "fastest_backend", lambda: "onnx")
+    assert pool.load_model("m", "auto", EngineConfig(dtype="int8")) == "an engine"
+    assert calls == [("onnx", "int8"), ("torch", "fp32")]
