@@ -7,7 +7,7 @@ EXTRAS ?= test,train,ray
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test test-fast test-slow lint format serve bench bench-server gpu-wheels gpu-check gpu-check-dry clean
+.PHONY: install test test-fast test-slow lint format serve bench bench-server bench-server-naive gpu-wheels gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not gpu and not heavy"
 
-test-slow: install
+test-slow: install $(BENCH_STAMP)
 	$(PY) -m pytest -q -m "slow"
 
 lint: install
@@ -40,8 +40,20 @@ format: install
 serve: install
 	$(VENV)/bin/reefcap serve --host $(HOST) --port $(PORT)
 
-# The caption server under load (concurrency 1, 8, 32) against a transformers pipeline, in one run.
-bench-server: install
+# The bench-only extra (litserve, for the peer of bench-server), installed into the same venv on first use.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[$(EXTRAS),bench]'
+	touch $(BENCH_STAMP)
+
+# reefcap against a LitServe peer on the same checkpoint and images, A B A B, at 1, 8 and 32 connections
+# (README "Performance"); BENCH_SERVER_ARGS=--quick smoke-tests it in under a minute.
+BENCH_SERVER_ARGS ?=
+bench-server: $(BENCH_STAMP)
+	$(PY) -m reefcap.server.bench_vs $(BENCH_SERVER_ARGS)
+
+# The server against the naive transformers pipeline (one image at a time) and the per-stage CPU costs.
+bench-server-naive: install
 	$(PY) -m reefcap.server.bench
 
 # Engines vs the naive transformers pipeline, one run per model; the table goes to $(BENCH_OUT). The bundled

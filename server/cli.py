@@ -12,7 +12,7 @@ FLAGS = [  # (flag, settings field, type, help)
     ("--fallback", "fallback", str, "fallback model (default reefscenes-tiny; 'none' for no fallback)"),
     ("--backend", "backend", str, "torch | onnx | auto (default: the fastest available)"),
     ("--device", "device", str, "auto | cpu | cuda[:N]"),
-    ("--dtype", "dtype", str, "fp32 | bf16 | fp16"),
+    ("--dtype", "dtype", str, "auto | fp32 | int8 | bf16 | fp16"),
     ("--inference-threads", "inference_threads", int, "PyTorch / ONNX Runtime threads (0: cores minus one)"),
     ("--max-batch-size", "max_batch_size", int, "largest inference batch (images)"),
     ("--max-wait-ms", "max_wait_ms", float, "longest wait of the oldest queued image before its batch runs"),

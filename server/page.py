@@ -120,6 +120,7 @@ async function captionOne(file, row) {
   const cell = (cls) => row.querySelector("." + cls);
   const body = new FormData();
   body.append("images", file);
+  body.append("options", JSON.stringify({quality: true}));  // the table shows UIQM/UCIQE
   try {
     const data = await api("/v1/captions", { method: "POST", body });
     const r = data.results[0];

@@ -10,6 +10,7 @@ and ``/readyz``, and turns the policy's reports into Prometheus metrics.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from reefcap.models.backends import BACKENDS, engine_class, load_engine
 from reefcap.models.engine import CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
 from reefcap.models.errors import ReefcapError
 from reefcap.models.policy import CaptionPolicy, CircuitBreaker, PolicyObserver, Served, load_models
+from reefcap.models.precision import auto_dtype
 from reefcap.models.registry import resolve_model
 
 from .cost import CostModel
@@ -71,6 +73,8 @@ def load_model(model: str, backend: str, config: EngineConfig) -> CaptionEngine:
         return load_engine(model, first, config)
     except Exception as exc:  # e.g. no export possible for this checkpoint: PyTorch still serves it
         log.warning("%s: %s backend could not load it (%s); using torch", model, first, exc)
+        if config.dtype == "int8":  # dtype auto's int8 is an ONNX export; PyTorch serves the checkpoint in fp32
+            config = dataclasses.replace(config, dtype="fp32")
         return load_engine(model, "torch", config)
 
 
@@ -282,7 +286,9 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
     """
     own_ort_threads = set_inference_threads(settings.inference_threads)
     config = engine_config(settings)
-    loaded = load_models(settings.model, settings.fallback, lambda m: load_model(m, settings.backend, config))
+    loaded = load_models(
+        settings.model, settings.fallback, lambda m: load_model(m, settings.backend, engine_config(settings, m))
+    )
     if loaded.primary_error and (loaded.fallback or not log_if_any):
         log.error("primary model %s not loaded: %s", settings.model, loaded.primary_error)
     if loaded.fallback_error and (loaded.primary or not log_if_any):
@@ -351,9 +357,25 @@ def _reload_onnx_primary(pool: ModelPool, model: str, config: EngineConfig, opti
     engine.close()
 
 
-def engine_config(settings: ServerSettings) -> EngineConfig:
-    """How the server loads every model: at start, and on a hot reload."""
-    return EngineConfig(device=settings.device, dtype=settings.dtype, limits=settings.image_limits)
+def engine_config(settings: ServerSettings, model: str | None = None) -> EngineConfig:
+    """How the server loads every model: at start, and on a hot reload. dtype ``auto`` is int8 for a ``model``
+    whose stored int8 agreement holds on this CPU and that the ONNX backend serves on the CPU, else fp32."""
+    dtype = settings.dtype
+    if dtype == "auto":
+        dtype, why = "fp32", "no model named"
+        onnx = settings.backend == "onnx" or (settings.backend == "auto" and fastest_backend() == "onnx")
+        if model and onnx and settings.device in ("auto", "cpu") and not _has_cuda():
+            dtype, why = auto_dtype(checkpoint_manifest(model))
+        if model:
+            log.info("%s: serving %s (%s)", model, dtype, why)
+    return EngineConfig(device=settings.device, dtype=dtype, limits=settings.image_limits)
+
+
+def _has_cuda() -> bool:
+    """Whether ONNX Runtime would put an ``auto`` device on a GPU (int8 exports are for CPUs)."""
+    from reefcap.models.onnx_engine import ort_device
+
+    return ort_device("auto")[0] == "cuda"
 
 
 def set_inference_threads(threads: int) -> bool:

@@ -31,6 +31,8 @@ def _options_model() -> type[BaseModel]:
     for name, hint in get_type_hints(DecodeOptions).items():
         hint = Text if hint is str else hint  # a lone surrogate is the client's error, not the tokenizer's
         fields[name] = (hint | None, Field(None, **bounds.get(name, {})))
+    # Not a decoding option: whether the answer carries the image's UIQM/UCIQE (they cost CPU per image).
+    fields["quality"] = (bool | None, Field(None, description="add each image's UIQM and UCIQE to its result"))
     return create_model("Options", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -107,10 +109,12 @@ async def _run(request: Request, uploads: list[bytes], options: dict[str, Any] |
         raise ApiError(400, "no_images", "send at least one image")
     if len(uploads) > limit:
         raise ApiError(413, "too_many_images", f"at most {limit} images per request")
+    options = dict(options or {})
+    quality = bool(options.pop("quality", False))
     decode_options = svc.options(options)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        return await svc.caption(uploads, decode_options, request.state.request_id, watcher)
+        return await svc.caption(uploads, decode_options, request.state.request_id, watcher, quality=quality)
     finally:
         watcher.cancel()
 

@@ -39,7 +39,7 @@ def local_captions(varied_model, tiny_model, euvp_images):
 
 def test_sync_client_round_trip(server, euvp_images, local_captions):
     with ReefcapClient(server.url, api_key=KEY) as client:
-        result = client.caption(euvp_images[0])
+        result = client.caption(euvp_images[0], {"quality": True})
         assert result.caption == local_captions[result.model][str(euvp_images[0])]
         assert result.model in ("varied", "tiny") and result.fallback == (result.model == "tiny")
         assert result.request_id and result.confidence <= 0 and result.latency_ms > 0

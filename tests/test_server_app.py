@@ -77,7 +77,9 @@ def test_captions_multipart_json_and_image_to_text(engines, euvp_images, tmp_pat
 
     async def scenario(client, app):
         r = await client.post(
-            "/v1/captions", files=[("images", (f"{i}.jpg", d, "image/jpeg")) for i, d in enumerate(data)]
+            "/v1/captions",
+            files=[("images", (f"{i}.jpg", d, "image/jpeg")) for i, d in enumerate(data)],
+            data={"options": json.dumps({"quality": True})},
         )
         assert r.status_code == 200, r.text
         body = r.json()
@@ -94,6 +96,7 @@ def test_captions_multipart_json_and_image_to_text(engines, euvp_images, tmp_pat
 
         j = await client.post("/v1/captions", json={"images": [{"data": base64.b64encode(data[1]).decode()}]})
         assert j.status_code == 200 and j.json()["results"][0]["caption"] == expected[1].caption
+        assert j.json()["results"][0]["quality"] is None  # not asked for
 
         h = await client.post("/v1/image-to-text", content=data[2])  # no content type: sniffed
         assert h.json() == [{"generated_text": expected[2].caption}]
@@ -104,7 +107,8 @@ def test_captions_multipart_json_and_image_to_text(engines, euvp_images, tmp_pat
         assert metric(text, "reefcap_caption_quality_score", model="varied-m", metric="CIDEr", source="manifest") == 0.5
         assert metric(text, "reefcap_http_requests_total", endpoint="/v1/captions", status="200") == 2
         assert metric(text, "reefcap_images_captioned_total", model="varied-m") == 5
-        assert metric(text, "reefcap_input_uiqm_score_count") == 5
+        # The 3 images that asked, and of the 2 that did not the first (the sample starts full, 1/16 after).
+        assert metric(text, "reefcap_input_uiqm_score_count") == 4
 
     serve(settings(tmp_path), pool, scenario)
 
@@ -488,3 +492,30 @@ def test_multipart_options_and_export_without_database(engines, tmp_path, capsys
     serve(settings(tmp_path), pool, scenario)
     assert main(["feedback", "export", "--db", str(tmp_path / "none.sqlite3"), "--out", str(tmp_path / "o")]) == 2
     assert "no feedback database" in capsys.readouterr().err
+
+
+def test_quality_is_measured_when_asked_and_sampled_otherwise(engines, euvp_images, tmp_path):
+    """UIQM/UCIQE are computed for a request that asks (options.quality) and for quality_sample_rate of the
+    other images; the histograms count exactly those."""
+    pool = ModelPool(engines["varied"], None)
+    data = euvp_images[0].read_bytes()
+
+    async def scenario(client, app):
+        for _ in range(8):  # rate 1/4: images 1 and 5 of these 8 are measured
+            r = await client.post("/v1/captions", files=[("images", ("a.jpg", data, "image/jpeg"))])
+            assert r.status_code == 200 and r.json()["results"][0]["quality"] is None
+        asked = await client.post(
+            "/v1/captions",
+            files=[("images", ("a.jpg", data, "image/jpeg"))],
+            data={"options": json.dumps({"quality": True, "max_length": 12})},
+        )
+        assert asked.status_code == 200, asked.text
+        half = Image.open(euvp_images[0]).convert("RGB").reduce(2)
+        assert asked.json()["results"][0]["quality"] == {"uiqm": round(uiqm(half), 4), "uciqe": round(uciqe(half), 4)}
+        bad = await client.post("/v1/captions", json={"images": [{"data": "aGk="}], "options": {"quality": "maybe"}})
+        assert bad.status_code == 422 and "quality" in bad.json()["error"]["message"]
+        text = (await client.get("/metrics")).text
+        assert metric(text, "reefcap_input_uiqm_score_count") == 3
+        assert metric(text, "reefcap_input_uciqe_score_count") == 3
+
+    serve(settings(tmp_path, quality_sample_rate=0.25), pool, scenario)

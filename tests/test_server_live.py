@@ -4,6 +4,7 @@ the Hugging Face InferenceClient, the web page in headless Chromium, and drainin
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -15,6 +16,8 @@ import time
 import httpx
 import pytest
 from server_helpers import LiveServer, copy_model, corrupt_copy, metric, metric_or_zero
+
+from reefcap.models.precision import cpu_flags
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -93,6 +96,9 @@ def test_default_settings_serve_the_bundled_models_on_onnx(euvp_images, tmp_path
         ready = httpx.get(srv.url + "/readyz", timeout=10).json()
         assert ready["primary"]["name"] == "reefscenes-tiny-damf", ready
         assert ready["primary"]["backend"] == ready["fallback"]["backend"] == "onnx", ready
+        # dtype auto: the bundled primary's stored int8 agreement holds on AVX2 and AVX-512 VNNI CPUs
+        int8 = bool(cpu_flags() & {"avx2", "avx512_vnni"})
+        assert (ready["primary"]["dtype"], ready["fallback"]["dtype"]) == ("int8" if int8 else "fp32", "fp32"), ready
         files = [("images", (euvp_images[0].name, euvp_images[0].read_bytes(), "image/jpeg"))]
         r = httpx.post(srv.url + "/v1/captions", files=files, timeout=60)
         assert r.status_code == 200, r.text
@@ -230,7 +236,10 @@ def test_web_workbench_in_headless_chromium(server, euvp_images):
     assert "3 captioned, 0 failed" in status
     for row, path in zip(rows, euvp_images[5:8], strict=True):  # the same answers as the API gives
         direct = httpx.post(
-            server.url + "/v1/captions", headers=AUTH, files=[("images", ("x.jpg", path.read_bytes(), "image/jpeg"))]
+            server.url + "/v1/captions",
+            headers=AUTH,
+            files=[("images", ("x.jpg", path.read_bytes(), "image/jpeg"))],
+            data={"options": json.dumps({"quality": True})},
         ).json()["results"][0]
         assert row["caption"] == direct["caption"] and row["model"].startswith(direct["model"]["name"])
         assert float(row["uiqm"]) == pytest.approx(direct["quality"]["uiqm"], abs=1e-3)

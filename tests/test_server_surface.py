@@ -271,16 +271,19 @@ def test_lone_surrogates_are_a_clear_4xx(engine, tmp_path):
     serve(settings(tmp_path), ModelPool(engine, None), scenario)
 
 
+QUALITY = {"options": json.dumps({"quality": True})}
+
+
 def test_images_too_small_to_measure_are_still_captioned(engine, tmp_path):
     async def scenario(client, app):
         for data, kind in ((png_bytes((1, 1)), "image/png"), (jpeg_bytes((10, 2000)), "image/jpeg")):
-            r = await client.post("/v1/captions", files=[("images", ("x", data, kind))])
+            r = await client.post("/v1/captions", files=[("images", ("x", data, kind))], data=QUALITY)
             assert r.status_code == 200, r.text
             result = r.json()["results"][0]
             assert result["caption"] and result["quality"] == {"uiqm": None, "uciqe": None}
             assert (await client.post("/v1/image-to-text", content=data)).status_code == 200
         # A measurable image next to them still gets its measures.
-        r = await client.post("/v1/captions", files=[("images", ("x", png_bytes((64, 48)), "image/png"))])
+        r = await client.post("/v1/captions", files=[("images", ("x", png_bytes((64, 48)), "image/png"))], data=QUALITY)
         assert isinstance(r.json()["results"][0]["quality"]["uiqm"], float)
 
     serve(settings(tmp_path), ModelPool(engine, None), scenario)
