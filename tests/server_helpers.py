@@ -174,3 +174,22 @@ def metric_or_zero(text: str, name: str, **labels) -> float:
     family = re.sub(r"_(count|sum|bucket)$", "", name)
     assert name in declared or family in declared, f"metric {name} is not declared in /metrics"
     return float(sum(_samples(text, name, labels)))
+
+
+def serve(settings, pool, scenario):
+    """Run ``scenario(client, app)`` against the app built from ``settings`` and ``pool``, with its lifespan,
+    in-process (httpx's ASGI transport)."""
+    import asyncio
+
+    import httpx
+
+    from reefcap.server.app import create_app
+
+    async def main():
+        app = create_app(settings, pool)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://reefcap.test", timeout=60) as client:
+                return await scenario(client, app)
+
+    return asyncio.run(main())

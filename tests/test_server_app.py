@@ -18,6 +18,7 @@ from server_helpers import (
     metric,
     metric_or_zero,
     png_bytes,
+    serve,
     unchecked_engine_class,
 )
 
@@ -56,19 +57,6 @@ def settings(tmp_path, **kw) -> ServerSettings:
     # build_pool sets torch's thread count process-wide; keep the test process's own setting.
     kw.setdefault("inference_threads", torch.get_num_threads())
     return ServerSettings(_env_file=None, **kw)
-
-
-def serve(s: ServerSettings, pool: ModelPool, scenario):
-    """Run ``scenario(client, app)`` against the app with its lifespan, in-process."""
-
-    async def main():
-        app = create_app(s, pool)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://reefcap.test", timeout=60) as client:
-                return await scenario(client, app)
-
-    return asyncio.run(main())
 
 
 def test_captions_multipart_json_and_image_to_text(engines, euvp_images, tmp_path):

@@ -11,13 +11,12 @@ import json
 
 import pytest
 import torch
-from server_helpers import metric, metric_or_zero, png_bytes
+from server_helpers import metric, metric_or_zero, png_bytes, serve
 
 from reefcap.models.engine import DecodeOptions, EngineConfig
 from reefcap.models.errors import InvalidOptionsError
 from reefcap.models.policy import CaptionPolicy
 from reefcap.models.torch_engine import TorchCaptionEngine
-from reefcap.server.app import create_app
 from reefcap.server.pool import ModelPool
 from reefcap.server.settings import ServerSettings
 
@@ -38,21 +37,6 @@ def settings(tmp_path, **kw) -> ServerSettings:
     kw.setdefault("max_wait_ms", 5)
     kw.setdefault("inference_threads", torch.get_num_threads())
     return ServerSettings(_env_file=None, **kw)
-
-
-def serve(s: ServerSettings, pool: ModelPool, scenario):
-    import asyncio
-
-    import httpx
-
-    async def main():
-        app = create_app(s, pool)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://reefcap.test", timeout=60) as client:
-                return await scenario(client, app)
-
-    return asyncio.run(main())
 
 
 def caption_body(options: dict, images: int = 1) -> dict:

@@ -3,20 +3,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
 
-import httpx
 import pytest
 import torch
 from PIL import Image
-from server_helpers import copy_model, corrupt_copy, metric_or_zero, png_bytes
+from server_helpers import copy_model, corrupt_copy, metric_or_zero, png_bytes, serve
 
 from reefcap.models.engine import EngineConfig
 from reefcap.models.torch_engine import TorchCaptionEngine
-from reefcap.server.app import create_app
 from reefcap.server.pool import ModelPool
 from reefcap.server.settings import ServerSettings
 
@@ -43,17 +40,6 @@ def settings(tmp_path, **kw) -> ServerSettings:
     kw.setdefault("backend", "torch")
     kw.setdefault("device", "cpu")
     return ServerSettings(_env_file=None, **kw)
-
-
-def serve(s: ServerSettings, pool: ModelPool, scenario):
-    async def main():
-        app = create_app(s, pool)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://reefcap.test", timeout=60) as client:
-                return await scenario(client, app)
-
-    return asyncio.run(main())
 
 
 def jpeg_bytes(size: tuple[int, int]) -> bytes:
