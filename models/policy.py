@@ -8,7 +8,8 @@ The rules, for one batch of images:
 
 - no primary loaded (missing or corrupt at start): the fallback answers (``primary_unavailable``);
 - the circuit breaker is open: the fallback answers (``circuit_open``);
-- the primary still runs an overrun batch: the fallback answers rather than queue behind it (``primary_busy``);
+- every primary thread (one, or the server's ``workers``) still runs a batch, an overrun among them: the
+  fallback answers rather than queue behind it (``primary_busy``);
 - the primary raises (``primary_error``) or overruns ``primary_timeout_s`` (``primary_timeout``): the whole
   batch is retried on the fallback, and the failure counts towards the breaker; options the loaded models
   cannot decode with (a ``max_length`` past a model's text positions, say) are the request's fault: they
@@ -112,17 +113,31 @@ class CircuitBreaker:
 
 
 class _Lane:
-    """An engine, and (when the primary has a timeout) the one thread it runs on, so an overrunning batch
-    can finish in the background while the fallback answers."""
+    """An engine, and (when the primary has a timeout) the threads it runs on, so an overrunning batch can
+    finish in the background while the fallback answers. ``workers`` batches may run at once (the server
+    runs two on a small model, each on its own core; engines serve concurrent ``caption`` calls)."""
 
-    def __init__(self, engine: CaptionEngine, role: str, threaded: bool) -> None:
+    def __init__(self, engine: CaptionEngine, role: str, threaded: bool, workers: int = 1) -> None:
         self.engine, self.role, self.info = engine, role, engine.describe()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"reefcap-{role}") if threaded else None
-        self.busy = 0  # batches submitted and not finished (an overrun keeps this above zero)
+        self.workers = max(1, workers)
+        self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"reefcap-{role}") if threaded else None
+        self.busy = 0  # batches reserved and not finished (an overrun keeps this above zero)
         self._lock = threading.Lock()
 
+    def reserve(self) -> bool:
+        """Claim a thread for one batch; False when every thread still runs one (so it would queue behind
+        an overrun). Checked and claimed under one lock: two batches cannot both take the last thread."""
+        if self.executor is None:
+            return True
+        with self._lock:
+            if self.busy >= self.workers:
+                return False
+            self.busy += 1
+            return True
+
     def run(self, images: list[Any], options: DecodeOptions, timeout_s: float | None) -> list[Caption]:
-        """Caption on this lane's thread (waiting at most ``timeout_s``), or inline when it has none."""
+        """Caption on one of this lane's threads (claimed by :meth:`reserve`, waiting at most ``timeout_s``),
+        or inline when it has none."""
         if self.executor is None:
             return self.engine.caption(images, options)
 
@@ -133,21 +148,21 @@ class _Lane:
                 with self._lock:
                     self.busy -= 1
 
-        with self._lock:
-            self.busy += 1
         # On a timeout the batch keeps running on the lane's thread; we only stop waiting for it.
         return self.executor.submit(work).result(timeout_s)
 
     def close(self) -> None:
         if self.executor is not None:
-            self.executor.shutdown(wait=False)  # the thread ends after any batch it is running
+            self.executor.shutdown(wait=False)  # the threads end after any batch they are running
 
 
 class CaptionPolicy:
     """Primary + fallback engines behind one synchronous ``caption`` call (see the module docstring).
 
     ``primary_timeout_s`` None runs the primary inline on the caller's thread, with no timeout (offline use);
-    a number runs it on a thread of its own. ``observer`` is told of fallbacks, batch times and the breaker.
+    a number runs it on a thread of its own (``workers`` threads: that many batches may run at once, each
+    routed, timed and counted by the breaker on its own). ``observer`` is told of fallbacks, batch times
+    and the breaker.
     """
 
     def __init__(
@@ -158,9 +173,10 @@ class CaptionPolicy:
         primary_timeout_s: float | None = None,
         breaker: CircuitBreaker | None = None,
         observer: PolicyObserver | None = None,
+        workers: int = 1,
     ) -> None:
-        self.primary_timeout_s = primary_timeout_s
-        self._primary = _Lane(primary, "primary", primary_timeout_s is not None) if primary else None
+        self.primary_timeout_s, self.workers = primary_timeout_s, workers
+        self._primary = _Lane(primary, "primary", primary_timeout_s is not None, workers) if primary else None
         self._fallback = _Lane(fallback, "fallback", False) if fallback else None
         self.breaker = breaker or CircuitBreaker()
         self.observer = observer or PolicyObserver()
@@ -181,10 +197,20 @@ class CaptionPolicy:
 
     def swap_primary(self, engine: CaptionEngine) -> None:
         """Make ``engine`` the primary and close the breaker. A batch already running finishes on the old one."""
-        new = _Lane(engine, "primary", self.primary_timeout_s is not None)
+        new = _Lane(engine, "primary", self.primary_timeout_s is not None, self.workers)
         with self._lock:
             old, self._primary = self._primary, new
             self.breaker.record_success()
+        if old is not None:
+            old.close()
+
+    def set_workers(self, workers: int) -> None:
+        """Let ``workers`` primary batches run at once (the server sets it at start, from the warm-up)."""
+        self.workers = max(1, workers)
+        with self._lock:
+            old = self._primary
+            if old is not None:
+                self._primary = _Lane(old.engine, "primary", self.primary_timeout_s is not None, self.workers)
         if old is not None:
             old.close()
 
@@ -247,8 +273,8 @@ class CaptionPolicy:
             return "primary_unavailable", None
         if self.breaker.is_open:
             return "circuit_open", None
-        if primary.busy:
-            return "primary_busy", None  # still running an overrun batch: do not queue behind it
+        if not primary.reserve():
+            return "primary_busy", None  # every thread still runs a batch (an overrun): do not queue behind it
         return None, None
 
     def _timed(self, lane: _Lane, images: list[Any], options: DecodeOptions, timeout_s: float | None) -> list:

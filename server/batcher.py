@@ -6,8 +6,9 @@ options never share a batch; the cheapest options queued go first (until the old
 ``starve_s``) and a batch holds at most ``max_batch_cost`` of decoding work, so one client's 16-beam requests
 cannot hold everyone else's default ones behind them. The queue is bounded (full -> :class:`QueueFullError`,
 answered 503 with Retry-After), each request has a deadline (-> :class:`DeadlineExceededError`, 504), and
-the queued images of a request whose client went away are dropped before they cost any inference. ``close``
-drains: it stops taking work, runs everything already queued and only then returns.
+the queued images of a request whose client went away are dropped before they cost any inference. Up to
+``workers`` batches run at once (the next batch forms while they run). ``close`` drains: it stops taking
+work, runs everything already queued and only then returns.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class _Item:
 
 
 class DynamicBatcher(Generic[R]):
-    """Group queued images into batches and hand each batch to ``runner`` (one batch in flight at a time).
+    """Group queued images into batches and hand each batch to ``runner`` (up to ``workers`` in flight).
 
     ``runner`` must return one result per image, in order; a batch that gets another count fails every
     request in it instead of handing out misattributed captions.
@@ -73,11 +74,14 @@ class DynamicBatcher(Generic[R]):
         metrics: Any = None,
         max_batch_cost: int | None = None,
         starve_s: float = 1.0,
+        workers: int = 1,
     ) -> None:
         """``max_batch_cost``: most decoding work per batch (images x beams x max_length; None: no cap);
-        ``starve_s``: how long the oldest image may wait while cheaper work goes first."""
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_wait_s >= 0")
+        ``starve_s``: how long the oldest image may wait while cheaper work goes first; ``workers``: batches
+        handed to ``runner`` at once."""
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or workers < 1:
+            raise ValueError("need max_batch_size >= 1, max_queue >= 1, max_wait_s >= 0 and workers >= 1")
+        self.workers = workers
         self.runner = runner
         self.max_batch_cost, self.starve_s = max_batch_cost, starve_s
         self.max_batch_size = max_batch_size
@@ -89,17 +93,18 @@ class DynamicBatcher(Generic[R]):
         self._closing = False
         self._task: asyncio.Task | None = None
         self._drain: asyncio.Future | None = None
-        self._running: list[_Item] = []  # the batch in flight, failed too if the drain deadline passes
+        self._running: set[_Item] = set()  # the batches in flight, failed too if the drain deadline passes
+        self._batches: set[asyncio.Task] = set()
         self.batches_run = 0
 
     @property
     def depth(self) -> int:
-        """Images waiting for a batch (not counting the batch in flight)."""
+        """Images waiting for a batch (not counting the batches in flight)."""
         return len(self._queue)
 
     @property
     def in_flight(self) -> int:
-        """Images of the running batch not answered yet."""
+        """Images of the running batches not answered yet."""
         return sum(1 for it in self._running if not it.future.done())
 
     def start(self) -> None:
@@ -161,6 +166,8 @@ class DynamicBatcher(Generic[R]):
             await asyncio.wait_for(asyncio.shield(self._task), max(drain_timeout_s, 0.0))
         except TimeoutError:
             self._task.cancel()
+            for task in self._batches:
+                task.cancel()
             error = ShuttingDownError("the server shut down before this image was captioned")
             for item in [*self._running, *self._queue]:
                 if not item.future.done():
@@ -227,8 +234,14 @@ class DynamicBatcher(Generic[R]):
 
     async def _loop(self) -> None:
         while True:
+            if len(self._batches) >= self.workers:
+                # Every slot runs a batch: wait for one to end, so the next batch forms from all queued work.
+                await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
+                continue
             if not self._queue:
                 if self._closing:
+                    if self._batches:  # a drain returns only once the running batches have answered
+                        await asyncio.wait(self._batches)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -241,7 +254,9 @@ class DynamicBatcher(Generic[R]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 continue
-            await self._run(self._take(options, limit))
+            task = asyncio.get_running_loop().create_task(self._run(self._take(options, limit)))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
 
     async def _run(self, batch: list[_Item]) -> None:
         now = time.monotonic()
@@ -252,7 +267,7 @@ class DynamicBatcher(Generic[R]):
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
         self.batches_run += 1
-        self._running = batch
+        self._running.update(batch)
         try:
             results = list(await self.runner([it.image for it in batch], batch[0].options))
             if len(results) != len(batch):
@@ -262,6 +277,8 @@ class DynamicBatcher(Generic[R]):
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
+        finally:
+            self._running.difference_update(batch)
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)

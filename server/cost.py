@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 from reefcap.models.engine import DecodeOptions
+
+log = logging.getLogger("reefcap.server")
+HEAVY_IMAGE_S = 0.1  # inference this slow per image dwarfs decoding and HTTP (about 3 ms an image)
 
 
 class CostModel:
@@ -36,3 +42,17 @@ class CostModel:
         """The largest batch (at most ``max_batch``) expected to take no more than ``target_s``."""
         one = self.expected_s(1, options)
         return max_batch if not one else max(1, min(max_batch, int(target_s / one)))
+
+
+def choose_workers(cost: CostModel, workers: int, options: DecodeOptions) -> int:
+    """Batches in flight: ``workers``, or with 0 (automatic) two for a primary the warm-up measured cheap on
+    two cores or more, else one. A cheap model runs each batch on one intra-op thread, so one batch at a time
+    left a core idle at 32 connections; a heavy one already has every core (``tune_threads``), and an
+    unmeasured one (no warm-up) keeps the single batch."""
+    if workers:
+        return workers
+    one = cost.expected_s(1, options)
+    if (os.cpu_count() or 1) < 2 or one is None or one >= HEAVY_IMAGE_S:
+        return 1
+    log.info("the primary takes %.3f s an image: two batches in flight", one)
+    return 2

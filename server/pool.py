@@ -3,7 +3,8 @@
 The policy itself (primary, fallback, degenerate-caption replacement, circuit breaker, reasons) is the
 library's :class:`~reefcap.models.policy.CaptionPolicy`, the same object ``reefcap caption`` and ``reefcap
 eval`` use. :class:`ModelPool` is a thin adapter: it runs the policy's synchronous ``caption`` on a thread of
-its own (one batch at a time, as the batcher hands them over), keeps each model's manifest for ``/v1/models``
+its own (a thread per batch in flight: one, or two for a cheap model on two cores or more, see
+:func:`choose_workers`), keeps each model's manifest for ``/v1/models``
 and ``/readyz``, and turns the policy's reports into Prometheus metrics.
 """
 
@@ -30,7 +31,7 @@ from reefcap.models.policy import CaptionPolicy, CircuitBreaker, PolicyObserver,
 from reefcap.models.precision import auto_dtype
 from reefcap.models.registry import resolve_model
 
-from .cost import CostModel
+from .cost import HEAVY_IMAGE_S, CostModel, choose_workers
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -42,6 +43,7 @@ __all__ = [
     "Served",
     "build_pool",
     "checkpoint_manifest",
+    "choose_workers",
     "engine_config",
     "evaluation_manifest",
     "load_model",
@@ -153,6 +155,7 @@ class ModelPool:
         primary_error: str | None = None,
         manifests: tuple[dict | None, dict | None] = (None, None),
         fallback_error: str | None = None,
+        workers: int = 1,
     ) -> None:
         """``manifests``: the checkpoints' manifest.json for primary and fallback, when the caller resolved them
         (an engine's own folder may be an export cache); otherwise each engine's folder is read.
@@ -167,10 +170,13 @@ class ModelPool:
             primary_timeout_s=primary_timeout_s,
             breaker=CircuitBreaker(breaker_failures, breaker_reset_s),
             observer=self._observer,
+            workers=workers,
         )
         self.cost = CostModel()
-        # The policy blocks (it waits for the primary with a timeout): it runs here, off the event loop.
-        self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="reefcap-policy")
+        # The policy blocks (it waits for the primary with a timeout): it runs here, off the event loop, on one
+        # thread per batch the batcher may hand over at once.
+        self.workers = workers
+        self._dispatch = ThreadPoolExecutor(workers, thread_name_prefix="reefcap-policy")
         self._manifest_labels: list[tuple[str, ...]] = []
         self.metrics: Metrics | None = None
         if metrics is not None:
@@ -211,6 +217,13 @@ class ModelPool:
         self.primary_error = None
         self.policy.swap_primary(engine)
         self.publish_info()
+
+    def set_workers(self, workers: int) -> None:
+        """Run up to ``workers`` batches at once; before serving (the service's batcher reads ``workers``)."""
+        self.workers = max(1, workers)
+        old, self._dispatch = self._dispatch, ThreadPoolExecutor(self.workers, thread_name_prefix="reefcap-policy")
+        old.shutdown(wait=False)
+        self.policy.set_workers(self.workers)
 
     # ---- metrics ------------------------------------------------------------------------------
 
@@ -305,15 +318,13 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
         manifests=(checkpoint_manifest(settings.model), checkpoint_manifest(settings.fallback or "")),
     )
     pool.cost.slack = settings.cost_slack
+    defaults = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
     if settings.warm_up:
-        defaults = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
         pool.warm_up(defaults)
         if tune_threads(pool, settings.inference_threads, defaults, set_ort=own_ort_threads):
             _reload_onnx_primary(pool, settings.model, config, defaults)
+    pool.set_workers(choose_workers(pool.cost, settings.inference_workers, defaults))
     return pool
-
-
-HEAVY_IMAGE_S = 0.1  # inference this slow per image dwarfs decoding and HTTP (about 3 ms an image)
 
 
 def tune_threads(pool: ModelPool, threads: int, options: DecodeOptions, set_ort: bool = True) -> bool:

@@ -72,6 +72,7 @@ class CaptionService:
             # A full batch of default requests is the most work one batch may hold: a request asking for more
             # per image runs in smaller batches (its own cost), between other clients' batches.
             max_batch_cost=settings.max_batch_size * settings.num_beams * settings.max_length,
+            workers=pool.workers,
         )
         # Images whose request did not ask for quality are measured at this rate, for the Prometheus histograms;
         # starting full, so the first image of a fresh server is measured.

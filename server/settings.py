@@ -38,6 +38,9 @@ class ServerSettings(BaseSettings):
     # Intra-op threads for PyTorch and ONNX Runtime. 0 = one per core minus one, kept for decoding and HTTP:
     # on a small shared CPU, inference threads fighting the decoding threads made batches up to 20x slower.
     inference_threads: int = Field(0, ge=0)
+    # Batches run at once, each on its own thread. 0 = two for a model the warm-up measures under 0.1 s an image
+    # on two cores or more (its batch runs on one thread, so one batch at a time left a core idle), else one.
+    inference_workers: int = Field(0, ge=0, le=8)
 
     # The dynamic batcher's two knobs, its queue bound and the per-request deadline.
     max_batch_size: int = Field(16, ge=1, le=256)
