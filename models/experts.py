@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .engine import Caption, strip_prompt
 from .onnx_decode import Decoded, beam_search, greedy, log_softmax
 
 EXPERTS_CONFIG = "reefcap_experts.json"
@@ -136,6 +137,38 @@ def decode_experts(
         eos=eos,
         **common,
     )
+
+
+def experts_captions(
+    engine: Any,
+    run: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    weights: np.ndarray,
+    options: Any,
+    *,
+    tokenizer: Any,
+    name: str,
+    length_penalty: float,
+    early_stopping: bool | str,
+) -> list[Caption]:
+    """:func:`decode_experts` for an experts engine (torch or ONNX: ``ctx_ids``, ``prompt_ids``, ``eos``, ``pad``,
+    ``labels``), then its captions, each with the image's ``water_type``."""
+    out = decode_experts(
+        run,
+        weights,
+        engine.ctx_ids,
+        engine.prompt_ids(options.prompt),
+        options,
+        eos=engine.eos,
+        pad=engine.pad,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+    )
+    texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+    waters = water_type(weights, engine.labels)
+    return [
+        Caption(strip_prompt(t, options.prompt), name, c, k, water_type=w)
+        for t, c, k, w in zip(texts, out.confidences, out.lengths, waters, strict=True)
+    ]
 
 
 # ---- torch modules (torch imported inside, so engines that only read configs stay light) -----------------------

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Caption, DecodeOptions, strip_prompt
-from .experts import ExpertsConfig, decode_experts, water_type
+from .engine import Caption, DecodeOptions
+from .experts import ExpertsConfig, experts_captions
 from .experts_graphs import WEIGHTS_OUTPUT, context_ids
 from .onnx_engine import OnnxCaptionEngine
 
@@ -39,20 +39,13 @@ class OnnxExpertsEngine(OnnxCaptionEngine):
             return logits
 
         gen = self.manifest.get("generation", {})
-        out = decode_experts(
+        return experts_captions(
+            self,
             run,
             weights,
-            self.ctx_ids,
-            self.prompt_ids(options.prompt),
             options,
-            eos=self.eos,
-            pad=self.pad,
+            tokenizer=self.tokenizer,
+            name=self.manifest["source"]["name"],
             length_penalty=gen.get("length_penalty", 1.0),
             early_stopping=gen.get("early_stopping", False),
         )
-        texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-        name = self.manifest["source"]["name"]
-        return [
-            Caption(strip_prompt(t, options.prompt), name, c, k, water_type=w)
-            for t, c, k, w in zip(texts, out.confidences, out.lengths, water_type(weights, self.labels), strict=True)
-        ]

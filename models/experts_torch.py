@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine import Caption, DecodeOptions, EngineConfig, strip_prompt
-from .experts import decode_experts, load_experts, water_type
+from .engine import Caption, DecodeOptions, EngineConfig
+from .experts import experts_captions, load_experts
 from .experts_graphs import context_ids, experts_decoder, experts_encoder
 from .registry import ResolvedModel
 from .torch_engine import TorchCaptionEngine
@@ -62,23 +62,16 @@ class TorchExpertsEngine(TorchCaptionEngine):
             return logits.float().cpu().numpy()
 
         gen = self.model.generation_config
-        out = decode_experts(
+        return experts_captions(
+            self,
             run,
             weights,
-            self.ctx_ids,
-            self.prompt_ids(options.prompt),
             options,
-            eos=self.eos,
-            pad=self.pad,
+            tokenizer=self.processor.tokenizer,
+            name=self.resolved.name,
             length_penalty=_setting(gen, "length_penalty", 1.0),
             early_stopping=_setting(gen, "early_stopping", False),
         )
-        texts = self.processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-        name = self.resolved.name
-        return [
-            Caption(strip_prompt(t, options.prompt), name, c, k, water_type=w)
-            for t, c, k, w in zip(texts, out.confidences, out.lengths, water_type(weights, self.labels), strict=True)
-        ]
 
     def describe(self):
         info = super().describe()
