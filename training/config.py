@@ -11,6 +11,8 @@ Both configs are written next to every checkpoint (``reefcap_train.json``).
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -242,3 +244,31 @@ def save_configs(out: Path, recipe: Recipe, train: TrainConfig, extra: dict[str,
     """Write the recipe and run config next to a checkpoint."""
     payload = {"recipe": recipe.to_dict(), "train": asdict(train), **(extra or {})}
     (out / TRAIN_CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_checkpoint(
+    dest: Path,
+    model: Any,
+    processor: Any,
+    start: Path,
+    configs: tuple[Recipe, TrainConfig, dict[str, Any]],
+    also: Callable[[Path], None] | None = None,
+) -> None:
+    """Save ``model`` and ``processor`` (safetensors) as an HF folder at ``dest``, with the start model's
+    ``reefcap_factory.json``, whatever ``also`` writes, and the run's configs (:func:`save_configs`).
+
+    Written to ``dest.tmp`` first and renamed, so a crash never leaves a half-written checkpoint at ``dest``.
+    """
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    factory = start / "reefcap_factory.json"
+    if factory.is_file():
+        shutil.copy(factory, tmp / factory.name)
+    if also is not None:
+        also(tmp)
+    save_configs(tmp, *configs)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)

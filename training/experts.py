@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 import zlib
 from dataclasses import asdict
@@ -33,7 +32,7 @@ from reefcap.models.registry import resolve_model
 from reefcap.models.torch_engine import load_blip
 
 from .augment import TrainTransform
-from .config import Recipe, StageConfig, TrainConfig, save_configs
+from .config import Recipe, StageConfig, TrainConfig, write_checkpoint
 from .data import CaptionBatches
 from .labels import IGNORE
 from .params import schedule
@@ -275,15 +274,6 @@ class ExpertsTrainer:
         return round(hits / max(1, len(self.held)), 4)
 
     def _write(self, blip, processor, head, dest: Path) -> None:
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        blip.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        factory = self.start.path / "reefcap_factory.json"
-        if factory.is_file():
-            shutil.copy(factory, tmp / factory.name)
-        save_experts(tmp, head)
-        save_configs(tmp, self.recipe, self.config, {"start": str(self.start.path), "experts": asdict(self.experts)})
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        extra = {"start": str(self.start.path), "experts": asdict(self.experts)}
+        configs = (self.recipe, self.config, extra)
+        write_checkpoint(dest, blip, processor, self.start.path, configs, also=lambda tmp: save_experts(tmp, head))

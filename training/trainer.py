@@ -28,7 +28,7 @@ from reefcap.models.registry import ResolvedModel, resolve_model
 from reefcap.models.torch_engine import TorchCaptionEngine, load_blip
 
 from .augment import TrainTransform
-from .config import Recipe, StageConfig, TrainConfig, save_configs
+from .config import Recipe, StageConfig, TrainConfig, write_checkpoint
 from .data import AirImages, CaptionBatches
 from .evaluation import evaluate, selection_score
 from .gradstats import GradStats
@@ -110,18 +110,8 @@ class Trainer:
     # ---- persistence ----------------------------------------------------------------------------
 
     def _write_model(self, model, processor, dest: Path, state: TrainState) -> None:
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        factory = self.start.path / "reefcap_factory.json"
-        if factory.is_file():
-            shutil.copy(factory, tmp / factory.name)
         extra = {"start": str(self.start.path), "inputs": self.inputs, "state": asdict(state)}
-        save_configs(tmp, self.recipe, self.config, extra)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        write_checkpoint(dest, model, processor, self.start.path, (self.recipe, self.config, extra))
 
     def _save_checkpoint(self, model, processor, optimizer, scheduler, state: TrainState) -> None:
         tmp = self.ckpt.with_name("checkpoint.tmp")
