@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -193,3 +194,27 @@ def serve(settings, pool, scenario):
                 return await scenario(client, app)
 
     return asyncio.run(main())
+
+
+@contextlib.contextmanager
+def headless_page():
+    """A page in Debian's headless Chromium driven by playwright (skipped where chromium is missing, failed on
+    CI, whose .ci/run installs it); the browser closes on the way out."""
+    import os
+
+    import pytest
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=args)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()

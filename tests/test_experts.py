@@ -292,28 +292,14 @@ def test_server_answers_water_type_per_image_through_the_default_onnx_backend(gu
 
 @pytest.mark.heavy  # a headless Chromium
 def test_web_page_shows_the_water_type(guidg_server, photos):
-    import os
-
     import httpx
+    from server_helpers import headless_page
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=args)
-        try:
-            page = browser.new_page()
-            page.goto(guidg_server.url + "/")
-            page.set_input_files("#files", str(photos[1]))
-            page.wait_for_selector("#results tbody tr.done", timeout=60_000)
-            shown = page.text_content("#results tbody tr.done .water")
-        finally:
-            browser.close()
+    with headless_page() as page:
+        page.goto(guidg_server.url + "/")
+        page.set_input_files("#files", str(photos[1]))
+        page.wait_for_selector("#results tbody tr.done", timeout=60_000)
+        shown = page.text_content("#results tbody tr.done .water")
     files = [("images", ("x.jpg", photos[1].read_bytes(), "image/jpeg"))]
     water = httpx.post(guidg_server.url + "/v1/captions", files=files, timeout=60).json()["results"][0]["water_type"]
     assert shown == f"{water['label']} ({water['probability']:.2f})"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from server_helpers import LiveServer, copy_model, corrupt_copy, metric, metric_or_zero
+from server_helpers import LiveServer, copy_model, corrupt_copy, headless_page, metric, metric_or_zero
 
 from reefcap.models.precision import cpu_flags
 
@@ -200,38 +199,25 @@ def test_web_workbench_in_headless_chromium(server, euvp_images):
     import base64
     import sqlite3
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
     reference = "a small fish swims over a coral reef"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=args)
-        try:
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            page.fill("#key", KEY)
-            page.set_input_files("#files", [str(euvp_images[5]), str(euvp_images[6])])
-            page.wait_for_function(ROWS_DONE, arg=2, timeout=60_000)
-            page.evaluate(DROP_FILE, ["dropped.jpg", base64.b64encode(euvp_images[7].read_bytes()).decode()])
-            page.wait_for_function(ROWS_DONE, arg=3, timeout=60_000)
-            rows = _page_rows(page)
-            first = page.locator("#results tbody tr.done").first
-            model = first.get_attribute("data-model")
-            score_row = page.locator(f'#scores tbody tr[data-model="{model}"]')
-            assert score_row.locator(".cider").all_text_contents() in ([], ["n/a"])  # no feedback yet
-            first.locator(".refs").fill(reference)
-            first.locator(".send").click()
-            first.locator(".feedback", has_text="stored 1").wait_for(timeout=30_000)
-            score_row.locator(".cider", has_text=".").wait_for(timeout=30_000)  # a number, no longer "n/a"
-            page_scores = {c: score_row.locator("." + c).text_content() for c in ("bleu4", "cider", "images")}
-            status = page.text_content("#status")
-        finally:
-            browser.close()
+    with headless_page() as page:
+        page.goto(server.url + "/")
+        page.fill("#key", KEY)
+        page.set_input_files("#files", [str(euvp_images[5]), str(euvp_images[6])])
+        page.wait_for_function(ROWS_DONE, arg=2, timeout=60_000)
+        page.evaluate(DROP_FILE, ["dropped.jpg", base64.b64encode(euvp_images[7].read_bytes()).decode()])
+        page.wait_for_function(ROWS_DONE, arg=3, timeout=60_000)
+        rows = _page_rows(page)
+        first = page.locator("#results tbody tr.done").first
+        model = first.get_attribute("data-model")
+        score_row = page.locator(f'#scores tbody tr[data-model="{model}"]')
+        assert score_row.locator(".cider").all_text_contents() in ([], ["n/a"])  # no feedback yet
+        first.locator(".refs").fill(reference)
+        first.locator(".send").click()
+        first.locator(".feedback", has_text="stored 1").wait_for(timeout=30_000)
+        score_row.locator(".cider", has_text=".").wait_for(timeout=30_000)  # a number, no longer "n/a"
+        page_scores = {c: score_row.locator("." + c).text_content() for c in ("bleu4", "cider", "images")}
+        status = page.text_content("#status")
     assert [r["name"] for r in rows] == [euvp_images[5].name, euvp_images[6].name, "dropped.jpg"]
     assert "3 captioned, 0 failed" in status
     for row, path in zip(rows, euvp_images[5:8], strict=True):  # the same answers as the API gives
