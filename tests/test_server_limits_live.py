@@ -150,3 +150,18 @@ def test_sigterm_drains_at_a_fractional_deadline_and_answers_queued_requests_wit
     assert refused and all(r.json()["error"]["code"] == "shutting_down" for r in refused), statuses
     assert took < 5, f"drain took {took:.1f} s for a 0.5 s deadline"
     assert server.proc.wait(10) in (0, -15)  # uvicorn re-raises SIGTERM after its graceful shutdown
+
+
+def test_quiet_gc_freezes_the_loaded_heap_and_collects_rarely():
+    import gc
+
+    from reefcap.server.limits import GC_THRESHOLDS, quiet_gc
+
+    before = gc.get_threshold()
+    try:
+        quiet_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 1000  # this test process has pytest, numpy, PIL... loaded
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
