@@ -67,26 +67,42 @@ def greedy(
     repetition_penalty: float,
     eos: int,
     pad: int,
+    compact: bool = False,
 ) -> Decoded:
-    """Greedy decoding of ``n`` images that all start from ``prompt``."""
+    """Greedy decoding of ``n`` images that all start from ``prompt``.
+
+    With ``compact`` a row that has ended (EOS) leaves the decoder: later steps get only the unfinished rows
+    (``beam_idx`` then names the rows kept, in order; the step must drop the same rows of anything else it
+    holds per row), so a batch pays for the tokens it generates rather than rows x its longest caption.
+    Rows never depend on each other, so the tokens are those of the full batch (up to float rounding, and
+    an int8 export's per-batch activation scales, which also move with which images share a batch)."""
     rows = np.arange(n)
     seqs = np.tile(np.asarray(prompt, dtype=np.int64), (n, 1))
     logits = step(seqs, rows)
+    live = rows  # the batch row each decoder row belongs to
     done = np.zeros(n, dtype=bool)
     logps: list[np.ndarray] = []
     while True:
         scores = logits.copy()
         if repetition_penalty != 1.0:
-            _penalise(scores, seqs, repetition_penalty)
+            _penalise(scores, seqs[live], repetition_penalty)
         if seqs.shape[1] < min_length:
             scores[:, eos] = -np.inf
-        token = np.where(done, pad, scores.argmax(axis=-1))
-        logps.append(log_softmax(logits)[rows, token])
+        picked = scores.argmax(axis=-1)
+        token = np.full(n, pad, dtype=np.int64)
+        token[live] = np.where(done[live], pad, picked)
+        logp = np.zeros(n, dtype=np.float32)
+        logp[live] = log_softmax(logits)[np.arange(len(live)), token[live]]
+        logps.append(logp)
         seqs = np.concatenate([seqs, token[:, None]], axis=1)
-        done |= token == eos
+        done[live] |= token[live] == eos
         if done.all() or seqs.shape[1] >= max_length:
             break
-        logits = step(token[:, None], rows)
+        keep = np.arange(len(live))
+        if compact and done[live].any():
+            keep = np.flatnonzero(~done[live])
+            live = live[keep]
+        logits = step(token[live][:, None], keep)
     generated = seqs.shape[1] - len(prompt)
     return _summarise(len(prompt), seqs, np.stack(logps, axis=1), np.full(n, generated), eos)
 

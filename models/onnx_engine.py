@@ -224,14 +224,20 @@ class OnnxCaptionEngine(CaptionEngine):
         runner = self.runner
         cross = runner.encode(batch)
         past: dict[str, Any] | None = None
+        rows = n
 
         def step(tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
-            nonlocal past
+            nonlocal past, cross, rows
+            if len(beam_idx) < rows:  # greedy dropped finished rows: their images' keys/values go too
+                cross = {name: np.take(value, beam_idx, axis=0) for name, value in cross.items()}
+                rows = len(beam_idx)
             logits, past = runner.decode(tokens, beam_idx, past, cross)
             return logits
 
         if options.num_beams == 1:
-            out = greedy(step, prompt, n, pad=self.pad, **common)
+            # Finished rows leave the batch on the CPU (host arrays); the GPU runner's caches stay on the device.
+            compact = not isinstance(runner, _BoundRunner)
+            out = greedy(step, prompt, n, pad=self.pad, compact=compact, **common)
         else:
             gen = self.manifest.get("generation", {})
             out = beam_search(
