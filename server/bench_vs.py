@@ -1,12 +1,13 @@
 """`make bench-server`: reefcap against a LitServe peer (``bench_peer``), same checkpoint and images, one run.
 
 Both servers run at once as subprocesses on 127.0.0.1 (reefcap ``serve`` with its defaults, the peer with
-LitServe's dynamic batching and torch's default threads). They are measured A B A B: for each round and each
-concurrency (1, 8, 32 keep-alive connections, one image per request) reefcap, then the peer, so the drift of
-a shared machine falls on both alike. Each row gives goodput (200 answers per second), p50/p99 latency of all
-answers, errors (non-200 answers, timeouts, dropped connections) and the server's CPU (its whole process tree)
-per request. The bundled tiny model runs first, then blip-base-shape (random weights, 384 px) with fewer
-images and 1 and 8 connections (32 would queue minutes of work on two cores).
+LitServe's dynamic batching and one torch thread, see ``--peer-threads``). They are measured A B A B: for each
+round and each concurrency (1, 8, 32 keep-alive connections, one image per request) reefcap, then the peer, so
+the drift of a shared machine falls on both alike; the server not being measured is paused (SIGSTOP)
+meanwhile. Each row gives goodput (200 answers per second), p50/p99 latency of all answers, errors (non-200
+answers, timeouts, dropped connections) and the server's CPU (its whole process tree) per request. The bundled
+tiny model runs first, then blip-base-shape (random weights, 384 px) with fewer images and 1 and 8 connections
+(32 would queue minutes of work on two cores).
 
 Load comes from ``rawhttp``: HTTP/1.1 written by hand on asyncio streams, each request pre-built as bytes
 (reefcap: the JPEG as the body of ``POST /v1/image-to-text``; the peer: base64 in JSON to ``POST /predict``),
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -171,6 +173,17 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def paused(pid: int):
+    """The other server stopped (SIGSTOP to its process group) while one is measured: an idle LitServe polls its
+    queues (0.13 of a core here), and neither server should pay for the other's idling."""
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+
+
 def compare(model: str, images: list[bytes], levels: tuple[int, ...], rounds: int, per_conn: int, args) -> list[dict]:
     """Both servers up at once; every level measured reefcap then peer, ``rounds`` times (A B A B)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,7 +203,9 @@ def compare(model: str, images: list[bytes], levels: tuple[int, ...], rounds: in
                 for c in levels:
                     total = max(c * per_conn, 2 * per_conn)
                     for name, port, pid, reqs in sides:
-                        rows.append({**measure(name, port, pid, reqs, c, total, args.timeout), "round": r + 1})
+                        with paused(peer.pid if name == "reefcap" else ours.pid):
+                            row = measure(name, port, pid, reqs, c, total, args.timeout)
+                        rows.append({**row, "round": r + 1})
             return rows
         finally:
             stop(peer)
