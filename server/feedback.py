@@ -67,7 +67,9 @@ class FeedbackUnavailableError(ReefcapError):
 
 def stored_image(data: bytes, image: Image.Image) -> tuple[bytes, str]:
     """The bytes to keep for a served image and their file extension."""
-    fmt = (Image.open(io.BytesIO(data)).format or "").upper() if data else ""
+    # The decoded image still knows its format unless a mode conversion replaced it: only then read the header again.
+    fmt = image.format or (Image.open(io.BytesIO(data)).format if data else None)
+    fmt = (fmt or "").upper()
     if data and len(data) <= MAX_STORED_BYTES and fmt in ("JPEG", "PNG", "WEBP"):
         return data, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
     small = image.copy()
