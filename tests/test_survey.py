@@ -160,6 +160,20 @@ def test_a_terminal_still_gets_the_bar_not_json_lines():
             bar.update(1)
         bar.close()
         tty.flush()
-        shown = os.read(master, 65536).decode()
+        shown = _read_all(master)
     os.close(master)
     assert "4/4" in shown and "\r" in shown and '"progress"' not in shown
+
+
+def _read_all(fd: int) -> str:
+    """Everything written to a pty so far: one read returns only the first chunk the terminal has ready."""
+    import os
+    import select
+
+    chunks = []
+    while select.select([fd], [], [], 0.5)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
