@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reefcap.models.errors import ReefcapError
+from reefcap.models.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 MANIFEST_SUFFIXES = {".txt", ".jsonl", ".csv", ".json"}
 PATH_KEYS = ("image", "path", "file_name", "file")
 

@@ -29,6 +29,9 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "MPO")
 
+# The file names taken as images when a folder is walked (the batch CLI, `reefcap agreement`).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+
 
 @dataclass(frozen=True)
 class ImageLimits:

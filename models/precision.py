@@ -3,7 +3,8 @@
 int8 dynamic quantisation changes a few captions (near-ties flip), so it is served by default only for a
 checkpoint whose ``manifest.json`` records how often its int8 export gives the same greedy caption as fp32
 (``int8_agreement``), measured with the current export scheme, at least :data:`MIN_INT8_AGREEMENT`, on a
-kind of CPU this one is (a CPU flag from the record's ``cpu_flags``). A stored figure rather than a check at
+kind of CPU this one is (a CPU flag from the record's ``cpu_flags``); ``reefcap agreement --write``
+(:mod:`reefcap.models.agreement`) measures and records it. A stored figure rather than a check at
 start: a start-up probe small enough to be quick (tens of images) cannot tell 95% from 90% (one caption is 4
 points of 23), and for a 224 M-parameter model it would cost an int8 export and minutes before the first
 request. Every other case is fp32: no record, an older scheme, a lower figure, another kind of CPU, a GPU.
