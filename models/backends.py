@@ -10,6 +10,7 @@ import importlib
 
 from .engine import CaptionEngine, EngineConfig
 from .errors import ReefcapError
+from .registry import check_model_name
 
 BACKENDS: dict[str, str] = {
     "torch": "reefcap.models.torch_engine:TorchCaptionEngine",
@@ -33,4 +34,5 @@ def engine_class(backend: str) -> type[CaptionEngine]:
 
 def load_engine(model: str, backend: str = "torch", config: EngineConfig | None = None) -> CaptionEngine:
     """Load ``model`` (zoo name, local directory or hub id) with the given backend."""
+    check_model_name(model)  # before the backend's import: a typo should not wait for torch
     return engine_class(backend).load(model, config or EngineConfig())

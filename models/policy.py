@@ -41,6 +41,7 @@ from .engine import Caption, CaptionEngine, DecodeOptions, EngineInfo
 from .errors import InvalidOptionsError, ModelLoadError, ModelNotFoundError, ReefcapError
 from .images import ImageSource
 from .metrics import degenerate_reason
+from .registry import check_model_name
 
 log = logging.getLogger("reefcap.policy")
 
@@ -371,6 +372,14 @@ def open_policy(
     fallback), when no model can answer, or when the fallback it was asked for cannot load: a typo in
     ``--fallback`` should not surface only when the primary first fails, hours into a survey.
     """
+    check_model_name(model)  # a typo ends here, before either model (and torch) loads
+    if fallback:
+        try:
+            check_model_name(fallback)
+        except ModelNotFoundError as exc:
+            raise ModelLoadError(
+                f"fallback model {fallback!r} could not be loaded ({exc}); pass --fallback none to run without one"
+            ) from None
     loaded = load_models(model, fallback, load)
     if isinstance(loaded.primary_exc, ModelNotFoundError):
         # A name or path that names nothing is a typo to fix, not a model that failed: never a silent fallback.

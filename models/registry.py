@@ -81,6 +81,22 @@ def resolve_model(name_or_path: str | os.PathLike) -> ResolvedModel:
     path = Path(text).expanduser()
     if path.is_dir():
         return ResolvedModel(path.resolve().name, _check_checkpoint(path.resolve(), text), "local")
+    _refuse_unresolvable(text, path, zoo)
+    return ResolvedModel(text, _check_checkpoint(_download(text), text), "hub")
+
+
+def check_model_name(name_or_path: str | os.PathLike) -> None:
+    """Raise :class:`ModelNotFoundError` now for a name that can only fail (not bundled, no such folder, not of
+    a hub id's form), as :func:`resolve_model` would, but without asking the hub. Engines call it before
+    importing torch or onnxruntime, so a mistyped ``--model`` is reported in a fraction of a second, not 4 s."""
+    text = os.fspath(name_or_path)
+    zoo = zoo_models()
+    path = Path(text).expanduser()
+    if text not in zoo and not path.is_dir():
+        _refuse_unresolvable(text, path, zoo)
+
+
+def _refuse_unresolvable(text: str, path: Path, zoo: dict[str, Path]) -> None:
     if path.exists():
         raise ModelNotFoundError(f"{text}: is a file; pass the checkpoint directory that holds config.json")
     known = ", ".join(zoo) or "none bundled"
@@ -91,7 +107,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> ResolvedModel:
         )
     if _looks_like_path(text) or not _HUB_ID.match(text):
         raise ModelNotFoundError(f"{text}: no such model directory (bundled models: {known})")
-    return ResolvedModel(text, _check_checkpoint(_download(text), text), "hub")
 
 
 def _download(repo_id: str) -> Path:

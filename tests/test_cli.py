@@ -52,6 +52,21 @@ def test_missing_model_is_a_one_line_error(euvp_images, tmp_path):
     assert result.stdout == ""
 
 
+def test_a_mistyped_model_is_reported_before_torch_is_imported(euvp_images, tmp_path):
+    """The names are checked first, so a typo costs a fraction of a second, not the 4 s of importing torch."""
+    probe = (
+        "import sys\nfrom reefcap.cli import main\ncode = main(sys.argv[1:])\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported', file=sys.stderr)\n"
+        "sys.exit(code)"
+    )
+    for flags in (["--model", "reefscenes-tiny-dmaf"], ["--fallback", str(tmp_path / "nope")]):
+        args = [sys.executable, "-c", probe, "caption", str(euvp_images[0]), *flags]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert "torch not imported" in result.stderr and "Traceback" not in result.stderr
+    assert "pass --fallback none" in result.stderr
+
+
 def test_init_refuses_non_empty_directory(cli_model):
     result = reefcap("model", "init", "--kind", "tiny", "--out", str(cli_model))
     assert result.returncode == 2 and "--force" in result.stderr
