@@ -37,8 +37,6 @@ def _checked(args: argparse.Namespace) -> tuple[Any, Any]:
             require_positive(flag, value)
     if not args.progress_every >= 0:
         raise InputError(f"--progress-every must be 0 seconds or more, got {args.progress_every}")
-    if args.quality and args.server:
-        raise InputError("--quality is for local and --ray runs; with --server use the server's own 'quality'")
     if not args.timeout > 0:
         raise InputError(f"--timeout must be more than 0 seconds, got {args.timeout}")
     options = DecodeOptions(num_beams=1 if args.greedy else args.beams, max_length=args.max_length).validate()
@@ -54,7 +52,7 @@ def _source(args: argparse.Namespace, options: Any, config: Any):
         from .http import ReefcapClient, run_on_server
 
         client = ReefcapClient(args.server, api_key=args.api_key, timeout=args.timeout)
-        return lambda names: run_on_server(client, names, options, args.batch_size, args.concurrency)
+        return lambda names: run_on_server(client, names, options, args.batch_size, args.concurrency, args.quality)
     if args.ray is not None:
         from .ray_runner import run_on_ray
 

@@ -299,11 +299,18 @@ class AsyncReefcapClient(_Base):
 
 
 def run_on_server(
-    client: ReefcapClient, names: Iterable[str], options: DecodeOptions, batch_size: int, concurrency: int
+    client: ReefcapClient,
+    names: Iterable[str],
+    options: DecodeOptions,
+    batch_size: int,
+    concurrency: int,
+    quality: bool = False,
 ) -> Iterator[list[dict[str, Any]]]:
-    """The batch CLI's server mode: records per chunk of ``batch_size`` names, same shape as local mode."""
+    """The batch CLI's server mode: records per chunk of ``batch_size`` names, same shape as local mode (with
+    ``quality``, the server measures each image's UIQM/UCIQE: ``options.quality`` on every request)."""
     from .batch import batched
 
+    sent: DecodeOptions | dict = {**asdict(options), "quality": True} if quality else options
     for chunk in batched(names, batch_size):
         readable, records = [], {}
         for name in chunk:
@@ -314,7 +321,7 @@ def run_on_server(
             except OSError as exc:
                 error = f"{name}: cannot read ({exc.strerror or exc})"
                 records[name] = {"image": name, "error": error, "code": NotAnImageError.code}
-        answers = client.caption_many([data for _, data in readable], options, concurrency)
+        answers = client.caption_many([data for _, data in readable], sent, concurrency)
         for (name, _), answer in zip(readable, answers, strict=True):
             if isinstance(answer, ReefcapHTTPError):
                 records[name] = {"image": name, "error": answer.message, "code": answer.code}
@@ -330,4 +337,6 @@ def run_on_server(
                     "request_id": answer.request_id,
                     "index": answer.index,
                 }
+                if quality:
+                    records[name]["quality"] = answer.raw.get("quality")
         yield [records[name] for name in chunk]

@@ -46,6 +46,20 @@ def _export(server, out: Path, capsys) -> dict:
 def test_caption_server_lines_keep_request_id_and_index(served):
     assert len(served) == 8 and len({r["request_id"] for r in served}) == 8
     assert all(isinstance(r["request_id"], str) and len(r["request_id"]) >= 8 and r["index"] == 0 for r in served)
+    assert not any("quality" in r for r in served)  # measured only when asked
+
+
+def test_quality_through_the_server_is_the_servers_measurement(server, euvp_images, tmp_path):
+    from reefcap.models.images import ImageLimits
+    from reefcap.server.service import decode_one
+
+    paths, out = euvp_images[:3], tmp_path / "quality.jsonl"
+    args = ["caption", *map(str, paths), "--server", server.url, "--api-key", KEY, "-o", str(out), "-q", "--quality"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for path, record in zip(paths, records, strict=True):
+        mine = decode_one(path.read_bytes(), ImageLimits(), 0)
+        assert record["quality"] == {"uiqm": mine.uiqm, "uciqe": mine.uciqe} and "caption" in record
 
 
 def test_post_a_jsonl_then_export_splits_by_image(server, served, tmp_path, capsys):

@@ -140,8 +140,6 @@ def test_quality_option_adds_the_servers_uiqm_and_uciqe(capsys, varied_model, eu
         assert record["quality"] == {"uiqm": served.uiqm, "uciqe": served.uciqe}
     _, plain, _ = run(capsys, "caption", paths[0], "--model", str(varied_model), "--greedy", "-q")
     assert "quality" not in plain[0]
-    code, _, err = run(capsys, "caption", paths[0], "--server", "http://127.0.0.1:9", "--quality")
-    assert code == 2 and len(err) == 1 and "--quality" in err[0]
 
 
 def test_a_terminal_still_gets_the_bar_not_json_lines():
