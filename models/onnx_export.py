@@ -397,6 +397,7 @@ def cached_export(model: str | ResolvedModel, precision: str = "fp32") -> Path:
     # The int8 scheme is part of the key: an int8 export cached by an older reefcap (8-bit weights) is not reused.
     tag = f"int8-{INT8_SCHEME}" if precision == "int8" else precision
     target = cache_root() / f"{weights_version(resolved.path)}-{tag}"
-    if (target / MANIFEST).is_file():
+    if is_export(target):
         return target
+    # Absent, or written by a reefcap with another export format (it would refuse to load forever): export anew.
     return export_onnx(resolved, target, precision)

@@ -130,3 +130,20 @@ def test_the_export_cache_does_not_reuse_an_older_int8_scheme(int8_export, tmp_p
     current = cache_root() / f"{version}-int8-{INT8_SCHEME}"
     shutil.copytree(int8_export, current)
     assert cached_export(MODEL, "int8") == current
+
+
+def test_the_export_cache_replaces_an_entry_of_an_older_export_format(int8_export, tmp_path, monkeypatch):
+    """A cache entry a reefcap with another graph format wrote would fail every load; it is exported anew."""
+    from reefcap.models import onnx_export
+    from reefcap.models.registry import resolve_model
+    from reefcap.models.torch_engine import weights_version
+
+    monkeypatch.setenv("REEFCAP_CACHE", str(tmp_path / "cache"))
+    entry = onnx_export.cache_root() / f"{weights_version(resolve_model(MODEL).path)}-int8-{INT8_SCHEME}"
+    shutil.copytree(int8_export, entry)
+    assert onnx_export.cached_export(MODEL, "int8") == entry  # the current format is reused as it is
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps({**manifest, "format": "reefcap-onnx/0"}))
+    exported = []
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda model, out, precision: exported.append(out) or out)
+    assert onnx_export.cached_export(MODEL, "int8") == entry and exported == [entry]
