@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reefcap.models.errors import ReefcapError
-from reefcap.models.images import IMAGE_SUFFIXES
+from reefcap.models.images import IMAGE_SUFFIXES, images_under
 
 MANIFEST_SUFFIXES = {".txt", ".jsonl", ".csv", ".json"}
 PATH_KEYS = ("image", "path", "file_name", "file")
@@ -117,7 +117,7 @@ def expand_inputs(args: Iterable[str]) -> list[ImageInput]:
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = images_under(path)
             if not found:  # like a glob that matches nothing: most likely the wrong folder
                 suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
                 raise InputError(f"{arg}: no images in this directory or below (looked for {suffixes})")

@@ -33,6 +33,11 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "MPO")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
 
 
+def images_under(folder: Path) -> list[Path]:
+    """The image files under ``folder``, recursively, sorted (empty when there are none)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """What an input may be: encoded size, decoded pixel count and container format."""

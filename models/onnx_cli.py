@@ -98,11 +98,11 @@ def _bench(args: argparse.Namespace) -> int:
 def _agreement_images(text: str) -> list[Path]:
     """The images under a folder, or those of a caption dataset file (any format ``reefcap eval`` reads)."""
     from .datasets import load_dataset
-    from .images import IMAGE_SUFFIXES
+    from .images import IMAGE_SUFFIXES, images_under
 
     path = Path(text)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = images_under(path)
         if not found:
             raise ReefcapError(f"{path}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
         return found
