@@ -39,6 +39,8 @@ COPY models ./models
 COPY training ./training
 COPY server ./server
 COPY clients ./clients
+# bench/ installs too (reefcap bench); the serving path never imports it.
+COPY bench ./bench
 
 # onnxruntime-gpu replaces onnxruntime (pip cannot hold both), as pyproject's gpu extra explains.
 # The project itself is the local source (no version to pin); its dependencies' ranges live in pyproject.toml.

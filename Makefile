@@ -50,11 +50,11 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 # (README "Performance"); BENCH_SERVER_ARGS=--quick smoke-tests it in under a minute.
 BENCH_SERVER_ARGS ?=
 bench-server: $(BENCH_STAMP)
-	$(PY) -m reefcap.server.bench_vs $(BENCH_SERVER_ARGS)
+	$(PY) -m reefcap.bench.vs $(BENCH_SERVER_ARGS)
 
 # The server against the naive transformers pipeline (one image at a time) and the per-stage CPU costs.
 bench-server-naive: install
-	$(PY) -m reefcap.server.bench
+	$(PY) -m reefcap.bench.server
 
 # Engines vs the naive transformers pipeline, one run per model; the table goes to $(BENCH_OUT). The bundled
 # tiny model is used when present, else a fresh `tiny`; blip-base-shape gets fewer batch sizes (~2 s per image).

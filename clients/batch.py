@@ -1,5 +1,5 @@
 """Offline batch captioning: the same engines and captioning policy the server uses (primary, fallback,
-degenerate-caption replacement, circuit breaker: :mod:`reefcap.models.policy`), driven over a list of inputs.
+degenerate-caption replacement, circuit breaker: :mod:`reefcap.models.policy.captioning`), driven over a list of inputs.
 
 Each input yields one record, in input order: ``{"image", "caption", "model", "confidence", "water_type", "fallback"}``
 (``fallback`` is the server's ``{"used", "reason"}``) or, for an input that cannot be decoded,
@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
-from reefcap.models.engine import CaptionEngine, DecodeOptions, require_positive
+from reefcap.models.engines.base import CaptionEngine, DecodeOptions, require_positive
 from reefcap.models.errors import ImageError
 from reefcap.models.policy import CaptionPolicy, Served, as_policy
 from reefcap.models.quality import input_quality

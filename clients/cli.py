@@ -22,7 +22,7 @@ from typing import Any
 def _checked(args: argparse.Namespace) -> tuple[Any, Any]:
     """Decoding options and engine config from the flags, every value checked before any input is read or
     model loaded, so a typo fails at once as a usage error (exit 2) and not minutes later as a crash."""
-    from reefcap.models.engine import DecodeOptions, EngineConfig, require_positive
+    from reefcap.models.engines.base import DecodeOptions, EngineConfig, require_positive
 
     from .inputs import InputError
 
@@ -69,7 +69,7 @@ def _source(args: argparse.Namespace, options: Any, config: Any):
             fallback,
             quality=args.quality,
         )
-    from reefcap.models.backends import load_engine
+    from reefcap.models.engines.backends import load_engine
     from reefcap.models.policy import open_policy
 
     from .batch import BatchCaptioner

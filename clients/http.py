@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from reefcap.models.engine import DecodeOptions
+from reefcap.models.engines.base import DecodeOptions
 from reefcap.models.errors import ImageNotFoundError, NotAnImageError, ReefcapError
 
 RETRY_STATUS = {429, 503}

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from reefcap.models.data.images import IMAGE_SUFFIXES, images_under
 from reefcap.models.errors import ReefcapError
-from reefcap.models.images import IMAGE_SUFFIXES, images_under
 
 MANIFEST_SUFFIXES = {".txt", ".jsonl", ".csv", ".json"}
 PATH_KEYS = ("image", "path", "file_name", "file")

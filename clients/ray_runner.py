@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
-from reefcap.models.engine import DecodeOptions
+from reefcap.models.engines.base import DecodeOptions
 from reefcap.models.errors import ReefcapError
 
 
@@ -32,8 +32,8 @@ class CaptionActor:
     ) -> None:
         import torch
 
-        from reefcap.models.backends import load_engine
-        from reefcap.models.engine import EngineConfig
+        from reefcap.models.engines.backends import load_engine
+        from reefcap.models.engines.base import EngineConfig
         from reefcap.models.policy import open_policy
 
         from .batch import BatchCaptioner

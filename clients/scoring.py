@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from reefcap.models.datasets import load_dataset
+from reefcap.models.data.datasets import load_dataset
 from reefcap.models.errors import ReefcapError
 from reefcap.models.metrics import coco_metrics, collapse_metrics
 

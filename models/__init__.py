@@ -4,8 +4,10 @@ This package imports nothing from ``reefcap.training``, ``reefcap.server`` or ``
 other packages build on it. Heavy imports (torch, transformers) happen only when an engine is loaded.
 """
 
-from .backends import BACKENDS, load_engine
-from .engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
+from reefcap.models.data.images import ImageLimits, load_image
+from reefcap.models.engines.backends import BACKENDS, load_engine
+from reefcap.models.engines.base import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
+
 from .errors import (
     ImageError,
     ImageNotFoundError,
@@ -18,7 +20,6 @@ from .errors import (
     TruncatedImageError,
     UnsupportedImageFormatError,
 )
-from .images import ImageLimits, load_image
 from .registry import ResolvedModel, resolve_model, zoo_models
 
 __all__ = [

@@ -39,7 +39,8 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .policy import DEFAULT_FALLBACK, DEFAULT_PRIMARY
+    from reefcap.models.policy import DEFAULT_FALLBACK, DEFAULT_PRIMARY
+
     from .registry import zoo_models
 
     # The constants `reefcap serve` and `reefcap caption` default to, so the listing cannot drift from them.

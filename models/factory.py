@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .engine import BLIP_PROMPT
+from reefcap.models.engines.base import BLIP_PROMPT
 
 FACTORY_CONFIG = "reefcap_factory.json"
 # BERT-uncased conventions the base checkpoint uses: pad 0, and [DEC]/[ENC] appended after the vocabulary.

@@ -19,7 +19,7 @@ from reefcap import __version__
 # One entry per package that adds subcommands; a package adds itself here and nowhere else.
 COMMAND_MODULES = [
     "reefcap.models.cli",
-    "reefcap.models.onnx_cli",
+    "reefcap.models.export.cli",
     "reefcap.clients.cli",
     "reefcap.training.cli",
     "reefcap.server.cli",

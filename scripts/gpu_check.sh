@@ -39,7 +39,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=fals
 # stale build/lib can carry deleted modules into the wheel. --no-build-isolation: no network, so the
 # interpreter's own setuptools builds it.
 mkdir -p "$WORK/src"
-(cd "$REPO" && cp -r pyproject.toml README.md reefcap models training server clients "$WORK/src/")
+(cd "$REPO" && cp -r pyproject.toml README.md reefcap models training server clients bench "$WORK/src/")
 find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
 WHEELS=()
 NOTE="Install: reefcap from $REPO"
@@ -68,5 +68,5 @@ NOTE="$NOTE (${SECONDS} s)"
 # Run from the install folder: `python -m` puts cwd first on sys.path, and the checkout's reefcap/ folder
 # lacks the subpackages (models/, training/... install as reefcap.models, reefcap.training...).
 cd "$WORK/site" || exit 1
-PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m reefcap.training.gpu_check "$OUTDIR" "${DRY[@]}" \
+PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m reefcap.bench.gpu_check "$OUTDIR" "${DRY[@]}" \
     --repo "$REPO" --work "$WORK" --images "$IMAGES" --note "$NOTE"

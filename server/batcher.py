@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from PIL import Image
 
-from reefcap.models.engine import DecodeOptions
+from reefcap.models.engines.base import DecodeOptions
 
 R = TypeVar("R")
 Runner = Callable[[list[Image.Image], DecodeOptions], Awaitable[Sequence[R]]]

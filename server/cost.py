@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from reefcap.models.engine import DecodeOptions
+from reefcap.models.engines.base import DecodeOptions
 
 log = logging.getLogger("reefcap.server")
 HEAVY_IMAGE_S = 0.1  # inference this slow per image dwarfs decoding and HTTP (about 3 ms an image)

@@ -4,7 +4,7 @@ Every captioned image is stored with its caption (``served``), newest ``retain``
 has feedback (those are never pruned). ``POST /v1/feedback`` adds references for a served request id: each
 reference once per image, at most ``max_references`` per image. Rolling BLEU-4 and CIDEr per model
 (:mod:`reefcap.models.metrics`, the numbers ``reefcap eval`` reports) cover the ``window`` images that most
-recently got their first references, kept up to date incrementally (:mod:`reefcap.models.rolling`);
+recently got their first references, kept up to date incrementally (:mod:`reefcap.models.policy.rolling`);
 ``export`` writes the images and references as a COCO-captions training set. A database that cannot be
 opened or written raises :class:`FeedbackUnavailableError` when the store opens.
 """
@@ -23,9 +23,9 @@ from typing import Any
 
 from PIL import Image
 
+from reefcap.models.data.records import SPLITS, stable_split
 from reefcap.models.errors import ReefcapError
-from reefcap.models.records import SPLITS, stable_split
-from reefcap.models.rolling import RollingScores
+from reefcap.models.policy.rolling import RollingScores
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS served (
@@ -232,7 +232,7 @@ class FeedbackStore:
     def rolling_scores(self, model: str, window: int) -> dict[str, float]:
         """Rolling BLEU-4 and CIDEr of the model's served captions against their references (the library's
         caption metrics, as ``reefcap eval`` computes them), kept up to date incrementally by :meth:`add`
-        (:class:`~reefcap.models.rolling.RollingScores`); read from the database on first use."""
+        (:class:`~reefcap.models.policy.rolling.RollingScores`); read from the database on first use."""
         with self._rolling_lock:
             rolling = self._rolling.get(model)
             if rolling is None or rolling.window != window:
@@ -271,7 +271,7 @@ class FeedbackStore:
         """Write every image with references as COCO-captions sets: ``out/{train,val,test}.json`` split by image
         (:func:`image_split`: the same image always lands in the same split, whenever it is exported),
         ``out/captions.json`` with all of them, and ``out/images/``."""
-        from reefcap.models.records import CaptionRecord, write_coco
+        from reefcap.models.data.records import CaptionRecord, write_coco
 
         out = Path(out)
         (out / "images").mkdir(parents=True, exist_ok=True)

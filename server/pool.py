@@ -1,7 +1,7 @@
 """The server's side of the captioning policy: loading the models, their manifests, and metrics.
 
 The policy itself (primary, fallback, degenerate-caption replacement, circuit breaker, reasons) is the
-library's :class:`~reefcap.models.policy.CaptionPolicy`, the same object ``reefcap caption`` and ``reefcap
+library's :class:`~reefcap.models.policy.captioning.CaptionPolicy`, the same object ``reefcap caption`` and ``reefcap
 eval`` use. :class:`ModelPool` is a thin adapter: it runs the policy's synchronous ``caption`` on a thread of
 its own (a thread per batch in flight: one, or two for a cheap model on two cores or more, see
 :func:`choose_workers`), keeps each model's manifest for ``/v1/models``
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from reefcap.models.backends import BACKENDS, engine_class, load_engine
-from reefcap.models.engine import CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
+from reefcap.models.engines.backends import BACKENDS, engine_class, load_engine
+from reefcap.models.engines.base import CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
+from reefcap.models.engines.precision import auto_dtype
 from reefcap.models.errors import ReefcapError
 from reefcap.models.policy import CaptionPolicy, CircuitBreaker, PolicyObserver, Served, load_models
-from reefcap.models.precision import auto_dtype
 from reefcap.models.registry import resolve_model
 
 from .cost import HEAVY_IMAGE_S, CostModel, choose_workers
@@ -384,7 +384,7 @@ def engine_config(settings: ServerSettings, model: str | None = None) -> EngineC
 
 def _has_cuda() -> bool:
     """Whether ONNX Runtime would put an ``auto`` device on a GPU (int8 exports are for CPUs)."""
-    from reefcap.models.onnx_engine import ort_device
+    from reefcap.models.engines.onnx_engine import ort_device
 
     return ort_device("auto")[0] == "cuda"
 

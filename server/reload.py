@@ -1,4 +1,4 @@
-"""Hot reload of the primary model behind the quality gate (:mod:`reefcap.models.gate`).
+"""Hot reload of the primary model behind the quality gate (:mod:`reefcap.models.policy.gate`).
 
 A reload loads the candidate next to the running primary, checks that its ``manifest.json`` hashes match its
 files, captions the gate set with both models and compares them metric by metric (declared directions, a
@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
 from reefcap.models.errors import ReefcapError
-from reefcap.models.gate import GateConfig, GateItems, GateReport, choose_gate_set, run_gate
+from reefcap.models.policy.gate import GateConfig, GateItems, GateReport, choose_gate_set, run_gate
 from reefcap.models.registry import resolve_model
 
 from .pool import ModelPool, checkpoint_manifest, evaluation_manifest, load_model

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from reefcap.models.engine import DecodeOptions
+from reefcap.models.engines.base import DecodeOptions
 
 from .admin import public_info
 from .bodies import JSON, MULTIPART, Text, b64_image, media_type, multipart_parts, parse_body_json, validated

@@ -15,9 +15,9 @@ from typing import Any
 
 from PIL import Image
 
-from reefcap.models.engine import DecodeOptions
+from reefcap.models.data.images import ImageLimits, load_image
+from reefcap.models.engines.base import DecodeOptions
 from reefcap.models.errors import InvalidOptionsError
-from reefcap.models.images import ImageLimits, load_image
 from reefcap.models.quality import input_quality
 
 from .batcher import DeadlineExceededError, DynamicBatcher

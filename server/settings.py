@@ -11,8 +11,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from reefcap.models.engine import check_device
-from reefcap.models.images import DEFAULT_FORMATS, ImageLimits
+from reefcap.models.data.images import DEFAULT_FORMATS, ImageLimits
+from reefcap.models.engines.base import check_device
 from reefcap.models.policy import (
     DEFAULT_BREAKER_FAILURES,
     DEFAULT_BREAKER_RESET_S,

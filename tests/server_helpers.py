@@ -53,7 +53,7 @@ def unchecked_engine_class():
     """The PyTorch engine with its text-position check off: a model whose generate really raises (IndexError past
     its positions) on options that look valid, which is how these tests make a primary fault. A real engine
     refuses such options up front as the request's fault (``check_options``)."""
-    from reefcap.models.torch_engine import TorchCaptionEngine
+    from reefcap.models.engines.torch_engine import TorchCaptionEngine
 
     class UncheckedEngine(TorchCaptionEngine):
         def text_positions(self) -> int | None:

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from reefcap.cli import main
-from reefcap.models.datasets import load_dataset
+from reefcap.models.data.datasets import load_dataset
 from reefcap.training.adapt import AdaptConfig, choose, default_lr_scale, resolve_data
 
 

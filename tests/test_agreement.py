@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from reefcap.cli import main
-from reefcap.models.agreement import MIN_IMAGES, Agreement, cpu_kind, merged
-from reefcap.models.precision import AGREEMENT_KEY, auto_dtype
+from reefcap.models.engines.precision import AGREEMENT_KEY, auto_dtype
+from reefcap.models.policy.agreement import MIN_IMAGES, Agreement, cpu_kind, merged
 from reefcap.models.registry import zoo_models
 from reefcap.server.pool import checkpoint_manifest
 

@@ -15,9 +15,9 @@ import pytest
 from reefcap.clients.batch import BatchCaptioner
 from reefcap.clients.inputs import InputError
 from reefcap.clients.results import ResultsWriter, read_results
-from reefcap.models.engine import DecodeOptions, EngineConfig
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.errors import InvalidOptionsError
-from reefcap.models.torch_engine import TorchCaptionEngine
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 from server_helpers import collapsed_model, corrupt_copy
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
-from reefcap.models.torch_engine import TorchCaptionEngine
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 
 
 def reefcap(*args: str) -> subprocess.CompletedProcess:

@@ -12,10 +12,10 @@ import json
 import httpx
 import pytest
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
+from reefcap.bench import vs as bench_vs
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.registry import zoo_models
-from reefcap.models.torch_engine import TorchCaptionEngine
-from reefcap.server import bench_vs
 
 pytestmark = pytest.mark.slow
 MODEL = "reefscenes-tiny-damf"

@@ -11,8 +11,8 @@ import pytest
 from server_helpers import LiveServer
 
 from reefcap.clients.http import AsyncReefcapClient, ReefcapClient, ReefcapHTTPError
-from reefcap.models.engine import DecodeOptions, EngineConfig
-from reefcap.models.torch_engine import TorchCaptionEngine
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 
 KEY = "client-test-key"
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
-from reefcap.models.torch_engine import DTYPES, TorchCaptionEngine
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import DTYPES, TorchCaptionEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from reefcap.models.datasets import load_dataset
+from reefcap.models.data.datasets import load_dataset
+from reefcap.models.data.records import CaptionRecord, DatasetError, split_records, write_coco
 from reefcap.models.errors import ReefcapError
-from reefcap.models.records import CaptionRecord, DatasetError, split_records, write_coco
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from reefcap.models.engine import Caption, CaptionEngine, DecodeOptions, EngineConfig, require_positive
+from reefcap.models.engines.base import Caption, CaptionEngine, DecodeOptions, EngineConfig, require_positive
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.errors import InvalidOptionsError, ReefcapError
-from reefcap.models.torch_engine import TorchCaptionEngine
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from reefcap.models.backends import load_engine
-from reefcap.models.engine import DecodeOptions
+from reefcap.models.engines.backends import load_engine
+from reefcap.models.engines.base import DecodeOptions
+from reefcap.models.engines.experts import EXPERTS_WEIGHTS, ExpertsConfig, is_experts, modules, save_experts
 from reefcap.models.errors import ModelLoadError
-from reefcap.models.experts import EXPERTS_WEIGHTS, ExpertsConfig, is_experts, modules, save_experts
 
 DOMAINS = {"clear": ["I", "IA", "IB"], "ocean": ["II", "III"], "coastal": ["1C", "3C", "5C"], "in_air": []}
 BUNDLED = "reefscenes-tiny-guidg"
@@ -24,8 +24,8 @@ def experts_model(tmp_path_factory) -> Path:
     """The bundled DAMF model with three random experts whose fusion clearly prefers one expert per image."""
     import torch
 
+    from reefcap.models.engines.torch_engine import load_blip
     from reefcap.models.registry import resolve_model
-    from reefcap.models.torch_engine import load_blip
 
     out = tmp_path_factory.mktemp("experts") / "experts"
     shutil.copytree(resolve_model("reefscenes-tiny-damf").path, out, ignore=shutil.ignore_patterns("manifest.json"))
@@ -55,8 +55,8 @@ def torch_engine(experts_model):
 @pytest.fixture(scope="module")
 def onnx_cache(experts_model, tmp_path_factory) -> Path:
     """A REEFCAP_CACHE holding the experts model's fp32 export where first use would put it."""
-    from reefcap.models.onnx_export import export_onnx
-    from reefcap.models.torch_engine import weights_version
+    from reefcap.models.engines.torch_engine import weights_version
+    from reefcap.models.export.onnx import export_onnx
 
     cache = tmp_path_factory.mktemp("cache")
     export_onnx(str(experts_model), cache / "onnx" / f"{weights_version(experts_model)}-fp32")
@@ -134,7 +134,7 @@ def test_experts_load_from_safetensors_and_a_broken_file_is_a_load_error(experts
 
 @pytest.fixture(scope="module")
 def reefscenes(tmp_path_factory) -> Path:
-    from reefcap.training.reefscenes import ReefScenesConfig, generate
+    from reefcap.models.reefscenes.dataset import ReefScenesConfig, generate
 
     out = tmp_path_factory.mktemp("rs")
     generate(out, ReefScenesConfig(seed=1, size=48, counts={"surface": 24, "underwater": 40}, workers=1), False)
@@ -186,7 +186,7 @@ def test_guidg_trains_from_the_recipe_and_the_result_serves_water_types(reefscen
 
 
 def test_per_domain_scores_and_routing_accuracy_from_predictions(reefscenes):
-    from reefcap.models.datasets import load_dataset
+    from reefcap.models.data.datasets import load_dataset
     from reefcap.training.compare import _domain_table
     from reefcap.training.config import load_recipe
     from reefcap.training.evaluation import domain_metrics
@@ -228,9 +228,9 @@ def test_compare_refuses_a_run_that_starts_from_a_later_recipe(tmp_path, capsys)
 @pytest.fixture(scope="module")
 def guidg_cache(tmp_path_factory) -> Path:
     """A REEFCAP_CACHE holding the bundled experts model's fp32 export where first use would put it."""
-    from reefcap.models.onnx_export import export_onnx
+    from reefcap.models.engines.torch_engine import weights_version
+    from reefcap.models.export.onnx import export_onnx
     from reefcap.models.registry import resolve_model
-    from reefcap.models.torch_engine import weights_version
 
     cache = tmp_path_factory.mktemp("guidg-cache")
     export_onnx(BUNDLED, cache / "onnx" / f"{weights_version(resolve_model(BUNDLED).path)}-fp32")
@@ -316,11 +316,11 @@ def test_training_and_serving_give_an_expert_the_same_next_token_logits(experts_
     (extended embedding table, positions from the cache length) must be the same function."""
     import torch
 
-    from reefcap.models.experts import load_experts
-    from reefcap.models.experts_graphs import context_ids, experts_decoder, experts_encoder
-    from reefcap.models.images import load_image
+    from reefcap.models.data.images import load_image
+    from reefcap.models.engines.experts import load_experts
+    from reefcap.models.engines.experts_graphs import context_ids, experts_decoder, experts_encoder
+    from reefcap.models.engines.torch_engine import load_blip
     from reefcap.models.registry import resolve_model
-    from reefcap.models.torch_engine import load_blip
     from reefcap.training.experts import with_context
 
     blip, processor = load_blip(resolve_model(str(experts_model)))

@@ -15,10 +15,10 @@ import pytest
 import torch
 from server_helpers import png_bytes
 
-from reefcap.models.engine import EngineConfig
+from reefcap.models.engines.base import EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.metrics import bleu4_cider
-from reefcap.models.rolling import RollingScores
-from reefcap.models.torch_engine import TorchCaptionEngine
+from reefcap.models.policy.rolling import RollingScores
 from reefcap.server.app import create_app
 from reefcap.server.feedback import FeedbackStore, FeedbackUnavailableError, TooManyReferencesError
 from reefcap.server.pool import ModelPool

@@ -13,7 +13,7 @@ from server_helpers import LiveServer
 
 from reefcap.cli import main
 from reefcap.clients.http import AsyncReefcapClient, ReefcapClient, ReefcapHTTPError
-from reefcap.models.datasets import load_dataset
+from reefcap.models.data.datasets import load_dataset
 from reefcap.models.errors import ReefcapError
 from reefcap.server.feedback import image_split
 
@@ -50,7 +50,7 @@ def test_caption_server_lines_keep_request_id_and_index(served):
 
 
 def test_quality_through_the_server_is_the_servers_measurement(server, euvp_images, tmp_path):
-    from reefcap.models.images import ImageLimits
+    from reefcap.models.data.images import ImageLimits
     from reefcap.server.service import decode_one
 
     paths, out = euvp_images[:3], tmp_path / "quality.jsonl"

@@ -87,8 +87,8 @@ def test_a_restarted_server_exports_the_stored_rolling_scores_at_once(tiny_model
     import httpx
     from server_helpers import metric
 
-    from reefcap.models.engine import EngineConfig
-    from reefcap.models.torch_engine import TorchCaptionEngine
+    from reefcap.models.engines.base import EngineConfig
+    from reefcap.models.engines.torch_engine import TorchCaptionEngine
     from reefcap.server.app import create_app
     from reefcap.server.pool import ModelPool
     from reefcap.server.settings import ServerSettings

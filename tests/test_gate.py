@@ -8,16 +8,16 @@ import json
 
 import pytest
 
-from reefcap.models.gate import (
+from reefcap.models.data.records import CaptionRecord, write_coco
+from reefcap.models.metrics import COLLAPSE_KEYS, METRIC_KEYS
+from reefcap.models.policy.gate import (
     DIRECTIONS,
     GateConfig,
     choose_gate_set,
     compare,
     verify_manifest,
 )
-from reefcap.models.metrics import COLLAPSE_KEYS, METRIC_KEYS
-from reefcap.models.probe import probe_set
-from reefcap.models.records import CaptionRecord, write_coco
+from reefcap.models.reefscenes.probe import probe_set
 from reefcap.models.registry import sha256_file
 
 CFG = GateConfig(tolerance=0.02, max_repetition=0.05, max_empty=0.05)

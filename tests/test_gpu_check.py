@@ -10,8 +10,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from reefcap.training import gpu_sections
-from reefcap.training.gpu_check import TITLES, WORKER_SECTIONS, Plan, Section, render, run_worker
+from reefcap.bench import gpu_sections
+from reefcap.bench.gpu_check import TITLES, WORKER_SECTIONS, Plan, Section, render, run_worker
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 

@@ -123,7 +123,7 @@ def test_connection_failures_are_retried_then_raised():
 
 def test_server_mode_reports_a_missing_file_as_not_found(tmp_path):
     from reefcap.clients.http import run_on_server
-    from reefcap.models.engine import DecodeOptions
+    from reefcap.models.engines.base import DecodeOptions
 
     class NoServer:  # every input is missing, so nothing may be sent
         def caption_many(self, uploads, options, concurrency):

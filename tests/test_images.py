@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from reefcap.models.data.images import ImageLimits, load_image
 from reefcap.models.errors import (
     ImageNotFoundError,
     ImageTooLargeError,
@@ -15,7 +16,6 @@ from reefcap.models.errors import (
     TruncatedImageError,
     UnsupportedImageFormatError,
 )
-from reefcap.models.images import ImageLimits, load_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -18,10 +18,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
-from reefcap.models.onnx_engine import OnnxCaptionEngine
-from reefcap.models.onnx_export import DECODER, ENCODER, INT8_SCHEME, INT8_WEIGHT_RANGE, export_onnx, read_manifest
-from reefcap.models.torch_engine import TorchCaptionEngine
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.onnx_engine import OnnxCaptionEngine
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
+from reefcap.models.export.onnx import DECODER, ENCODER, INT8_SCHEME, INT8_WEIGHT_RANGE, export_onnx, read_manifest
 
 MODEL = "reefscenes-tiny-damf"  # a trained model: a random one's logits are near-ties everywhere
 # Measured on both kinds of CPU: 22/23 of these photos, 214/225 on the ReefScenes underwater test split
@@ -74,8 +74,8 @@ EMULATED = """
 import json, sys
 import numpy as np, onnxruntime as ort
 from onnx import TensorProto, helper
-from reefcap.models.engine import DecodeOptions, EngineConfig
-from reefcap.models.onnx_engine import OnnxCaptionEngine
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.onnx_engine import OnnxCaptionEngine
 
 io = [helper.make_tensor_value_info(n, t, s) for n, t, s in
       (("A", TensorProto.UINT8, [1, 64]), ("B", TensorProto.INT8, [64, 1]), ("Y", TensorProto.INT32, [1, 1]))]
@@ -120,9 +120,9 @@ def test_an_older_8_bit_export_loads_with_a_warning(int8_export, tmp_path, caplo
 
 
 def test_the_export_cache_does_not_reuse_an_older_int8_scheme(int8_export, tmp_path, monkeypatch):
-    from reefcap.models.onnx_export import cache_root, cached_export
+    from reefcap.models.engines.torch_engine import weights_version
+    from reefcap.models.export.onnx import cache_root, cached_export
     from reefcap.models.registry import resolve_model
-    from reefcap.models.torch_engine import weights_version
 
     monkeypatch.setenv("REEFCAP_CACHE", str(tmp_path / "cache"))
     version = weights_version(resolve_model(MODEL).path)
@@ -134,9 +134,9 @@ def test_the_export_cache_does_not_reuse_an_older_int8_scheme(int8_export, tmp_p
 
 def test_the_export_cache_replaces_an_entry_of_an_older_export_format(int8_export, tmp_path, monkeypatch):
     """A cache entry a reefcap with another graph format wrote would fail every load; it is exported anew."""
-    from reefcap.models import onnx_export
+    from reefcap.models.engines.torch_engine import weights_version
+    from reefcap.models.export import onnx as onnx_export
     from reefcap.models.registry import resolve_model
-    from reefcap.models.torch_engine import weights_version
 
     monkeypatch.setenv("REEFCAP_CACHE", str(tmp_path / "cache"))
     entry = onnx_export.cache_root() / f"{weights_version(resolve_model(MODEL).path)}-int8-{INT8_SCHEME}"

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reefcap.models.backends import BACKENDS, load_engine
-from reefcap.models.engine import DecodeOptions, EngineConfig
+from reefcap.models.engines.backends import BACKENDS, load_engine
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.onnx_engine import OnnxCaptionEngine
+from reefcap.models.engines.torch_engine import TorchCaptionEngine, weights_version
 from reefcap.models.errors import ModelLoadError
-from reefcap.models.onnx_engine import OnnxCaptionEngine
-from reefcap.models.onnx_export import DECODER, ENCODER, MANIFEST, export_onnx, read_manifest
-from reefcap.models.torch_engine import TorchCaptionEngine, weights_version
+from reefcap.models.export.onnx import DECODER, ENCODER, MANIFEST, export_onnx, read_manifest
 
 GOLDEN = Path(__file__).parent / "golden" / "onnx_golden_greedy.json"
 
@@ -37,7 +37,7 @@ def torch_engine(varied_model) -> TorchCaptionEngine:
 
 
 def test_registered_backend():
-    assert BACKENDS["onnx"] == "reefcap.models.onnx_engine:OnnxCaptionEngine"
+    assert BACKENDS["onnx"] == "reefcap.models.engines.onnx_engine:OnnxCaptionEngine"
 
 
 def test_manifest_and_graph_interface(exported, varied_model):
@@ -238,7 +238,7 @@ def test_cli_bench_writes_table(varied_model, tmp_path, monkeypatch):
 
 def test_io_binding_runner_and_fp16_graphs_on_cpu(varied_model, exported, onnx_engine, euvp_images, tmp_path):
     """The CUDA path's pieces that run without a GPU: the I/O-binding runner (on the CPU provider) and fp16 graphs."""
-    from reefcap.models.onnx_engine import _BoundRunner
+    from reefcap.models.engines.onnx_engine import _BoundRunner
 
     ref = onnx_engine.caption(euvp_images[:8], DecodeOptions(num_beams=3))
     bound = OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu"), threads=1)

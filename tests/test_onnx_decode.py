@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reefcap.models.onnx_decode import greedy
+from reefcap.models.engines.decoding import greedy
 
 VOCAB, EOS, PAD = 12, 2, 0
 

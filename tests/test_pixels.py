@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from reefcap.models.pixels import FastPixels
+from reefcap.models.engines.pixels import FastPixels
 from reefcap.models.registry import zoo_models
 
 
@@ -47,7 +47,7 @@ def test_other_modes_and_settings_are_left_to_the_processor(processor):
 
 
 def test_engines_use_it_and_still_match_on_rgba(processor):
-    from reefcap.models.backends import load_engine
+    from reefcap.models.engines.backends import load_engine
 
     engine = load_engine(str(zoo_models()["reefscenes-tiny-damf"]), "onnx")
     assert engine.fast_pixels is not None

@@ -1,4 +1,4 @@
-"""The library's captioning policy (reefcap.models.policy) on real tiny BLIP engines: the object the server,
+"""The library's captioning policy (reefcap.models.policy.captioning) on real tiny BLIP engines: the object the server,
 `reefcap caption` and `reefcap eval` share."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from collections import Counter
 import pytest
 from server_helpers import collapsed_model, unchecked_engine_class
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.errors import ModelLoadError, ReefcapError
 from reefcap.models.factory import TinyConfig, init_tiny
 from reefcap.models.metrics import degenerate_reason
 from reefcap.models.policy import CaptionPolicy, CircuitBreaker, PolicyObserver, as_policy, fallback_name
-from reefcap.models.torch_engine import TorchCaptionEngine
 
 CPU = EngineConfig(device="cpu")
 GREEDY = DecodeOptions.greedy()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from reefcap.models.onnx_export import INT8_SCHEME
-from reefcap.models.precision import AGREEMENT_KEY, auto_dtype, cpu_flags
+from reefcap.models.engines.precision import AGREEMENT_KEY, auto_dtype, cpu_flags
+from reefcap.models.export.onnx import INT8_SCHEME
 from reefcap.models.registry import zoo_models
 from reefcap.server.pool import engine_config
 from reefcap.server.settings import ServerSettings
@@ -50,7 +50,7 @@ def test_server_settings_resolve_auto_per_model(tmp_path):
 
 def test_int8_chosen_for_onnx_falls_back_to_fp32_pytorch(monkeypatch):
     """backend auto: when the ONNX backend cannot load the model, PyTorch serves it, in fp32 (int8 is an export)."""
-    from reefcap.models.engine import EngineConfig
+    from reefcap.models.engines.base import EngineConfig
     from reefcap.server import pool
 
     calls = []

@@ -9,8 +9,8 @@ pytest.importorskip("ray", reason="the ray extra is not installed")
 
 from reefcap.clients.batch import BatchCaptioner  # noqa: E402
 from reefcap.clients.ray_runner import run_on_ray  # noqa: E402
-from reefcap.models.engine import DecodeOptions, EngineConfig  # noqa: E402
-from reefcap.models.torch_engine import TorchCaptionEngine  # noqa: E402
+from reefcap.models.engines.base import DecodeOptions, EngineConfig  # noqa: E402
+from reefcap.models.engines.torch_engine import TorchCaptionEngine  # noqa: E402
 
 
 def test_ray_matches_local_greedy(varied_model, euvp_images, tmp_path):

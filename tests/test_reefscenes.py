@@ -15,12 +15,12 @@ from PIL import Image
 
 from reefcap.cli import main
 from reefcap.models import quality
-from reefcap.models.datasets import load_dataset
-from reefcap.models.optics import JERLOV_N, underwater
-from reefcap.models.painter import paint
-from reefcap.models.scene_captions import NOUNS, make_captions, names_conditions
-from reefcap.models.scenes import sample_scene, scene_rng
-from reefcap.training.reefscenes import ReefScenesConfig, default_counts, generate, render_scene, scene_split
+from reefcap.models.data.datasets import load_dataset
+from reefcap.models.reefscenes.captions import NOUNS, make_captions, names_conditions
+from reefcap.models.reefscenes.dataset import ReefScenesConfig, default_counts, generate, render_scene, scene_split
+from reefcap.models.reefscenes.optics import JERLOV_N, underwater
+from reefcap.models.reefscenes.painter import paint
+from reefcap.models.reefscenes.scenes import sample_scene, scene_rng
 
 
 def files_of(root):
@@ -203,8 +203,8 @@ def test_cli_generate_preview_convert_and_errors(tmp_path, capsys):
 
 def test_training_cli_and_data_modules_do_not_import_torch():
     code = (
-        "import sys, reefcap.training.cli, reefcap.models.quality, reefcap.models.datasets, "
-        "reefcap.training.reefscenes, reefcap.training.report; assert 'torch' not in sys.modules"
+        "import sys, reefcap.training.cli, reefcap.models.quality, reefcap.models.data.datasets, "
+        "reefcap.models.reefscenes.dataset, reefcap.models.reefscenes.realism; assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

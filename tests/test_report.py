@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from reefcap.training.report import FIGURE_NAME, REPORT_NAME, realism_checks, write_report
+from reefcap.models.reefscenes.realism import FIGURE_NAME, REPORT_NAME, realism_checks, write_report
 
 
 def sets(raw, enhanced, uw, air):

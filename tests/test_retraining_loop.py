@@ -19,7 +19,7 @@ from server_helpers import LiveServer, write_manifest
 from synthetic_captions import all_captions, make_dataset
 
 from reefcap.cli import main
-from reefcap.models.datasets import load_dataset
+from reefcap.models.data.datasets import load_dataset
 from reefcap.models.errors import ReefcapError
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(240)]

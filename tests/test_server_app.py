@@ -22,11 +22,11 @@ from server_helpers import (
     unchecked_engine_class,
 )
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.factory import TinyConfig, init_tiny
 from reefcap.models.metrics import degenerate_reason
 from reefcap.models.quality import uciqe, uiqm
-from reefcap.models.torch_engine import TorchCaptionEngine
 from reefcap.server.app import build_pool, create_app
 from reefcap.server.metrics import Metrics
 from reefcap.server.pool import ModelPool
@@ -250,7 +250,7 @@ def test_corrupt_primary_at_start_serves_fallback(tiny_model, tmp_path):
 
 
 def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
-    from reefcap.models.datasets import load_dataset
+    from reefcap.models.data.datasets import load_dataset
     from reefcap.models.metrics import tokenize
     from reefcap.server.cli import register  # noqa: F401 - the export command is exercised below via main()
 
@@ -301,7 +301,7 @@ def test_reload_quality_gate(engines, tiny_model, euvp_images, tmp_path):
     collapsed model is refused whatever its manifest claims, and so are models without trustworthy hashes."""
     from server_helpers import write_manifest
 
-    from reefcap.models.records import CaptionRecord, write_coco
+    from reefcap.models.data.records import CaptionRecord, write_coco
 
     root = tmp_path / "models"
     # A gate set the serving model does well on: its own captions are among the references.
@@ -391,7 +391,7 @@ def test_grafana_dashboard_uses_only_exported_metrics():
 def test_new_version_in_the_model_folder_is_hot_reloaded(tiny_model, euvp_images, tmp_path):
     from server_helpers import write_manifest
 
-    from reefcap.models.records import CaptionRecord, write_coco
+    from reefcap.models.data.records import CaptionRecord, write_coco
 
     write_coco([CaptionRecord(i, p, ("a reef",)) for i, p in enumerate(euvp_images[:4])], tmp_path / "gate.json")
     folder = copy_model(tiny_model, tmp_path / "watched", {"underwater": {"CIDEr": 0.5}})
@@ -421,14 +421,14 @@ def test_new_version_in_the_model_folder_is_hot_reloaded(tiny_model, euvp_images
 
 
 def test_fastest_backend_prefers_an_importable_onnx(monkeypatch):
-    from reefcap.models import backends
+    from reefcap.models.engines import backends
     from reefcap.server.pool import fastest_backend
 
     monkeypatch.delitem(backends.BACKENDS, "onnx", raising=False)
     assert fastest_backend() == "torch"
     monkeypatch.setitem(backends.BACKENDS, "onnx", "reefcap.models.no_such_module:Engine")
     assert fastest_backend() == "torch"  # registered but its module does not import
-    monkeypatch.setitem(backends.BACKENDS, "onnx", "reefcap.models.torch_engine:TorchCaptionEngine")
+    monkeypatch.setitem(backends.BACKENDS, "onnx", "reefcap.models.engines.torch_engine:TorchCaptionEngine")
     assert fastest_backend() == "onnx"
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from reefcap.models.engine import DecodeOptions
+from reefcap.models.engines.base import DecodeOptions
 from reefcap.server.batcher import (
     ClientDisconnectedError,
     DeadlineExceededError,

@@ -13,10 +13,10 @@ import pytest
 import torch
 from server_helpers import metric, metric_or_zero, png_bytes, serve
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.errors import InvalidOptionsError
 from reefcap.models.policy import CaptionPolicy
-from reefcap.models.torch_engine import TorchCaptionEngine
 from reefcap.server.pool import ModelPool
 from reefcap.server.settings import ServerSettings
 

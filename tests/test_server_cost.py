@@ -14,8 +14,8 @@ import pytest
 import torch
 from server_helpers import LiveServer, metric
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
-from reefcap.models.torch_engine import TorchCaptionEngine
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.server.app import create_app
 from reefcap.server.pool import CostModel, ModelPool, tune_threads
 from reefcap.server.settings import ServerSettings
@@ -91,8 +91,8 @@ def test_a_model_measured_heavy_gets_every_core_for_inference(tiny_model, monkey
 
 @pytest.mark.slow
 def test_blip_base_shape_answers_24_concurrent_requests_with_defaults(tmp_path, euvp_images):
-    from reefcap.models.onnx_cli import _bench_model
-    from reefcap.models.onnx_export import cached_export
+    from reefcap.models.export.cli import _bench_model
+    from reefcap.models.export.onnx import cached_export
 
     model = _bench_model("blip-base-shape")  # as `make bench` makes it: random weights, 224 M parameters
     cached_export(model, "fp32")  # exported here once (minutes), so the server's start only loads it

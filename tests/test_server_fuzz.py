@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from reefcap.models.engine import EngineConfig
-from reefcap.models.torch_engine import TorchCaptionEngine
+from reefcap.models.engines.base import EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.server.app import create_app
 from reefcap.server.pool import ModelPool
 from reefcap.server.settings import ServerSettings

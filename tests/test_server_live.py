@@ -16,7 +16,7 @@ import httpx
 import pytest
 from server_helpers import LiveServer, copy_model, corrupt_copy, headless_page, metric, metric_or_zero
 
-from reefcap.models.precision import cpu_flags
+from reefcap.models.engines.precision import cpu_flags
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

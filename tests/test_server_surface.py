@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from server_helpers import copy_model, corrupt_copy, metric_or_zero, png_bytes, serve
 
-from reefcap.models.engine import EngineConfig
-from reefcap.models.torch_engine import TorchCaptionEngine
+from reefcap.models.engines.base import EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.server.pool import ModelPool
 from reefcap.server.settings import ServerSettings
 
@@ -147,7 +147,7 @@ def test_reload_takes_names_only_and_reveals_nothing(engine, tmp_path, models_di
 def test_reload_resolves_the_configured_primary_and_bundled_names_without_a_models_dir(
     engine, tmp_path, tiny_model, euvp_images
 ):
-    from reefcap.models.records import CaptionRecord, write_coco
+    from reefcap.models.data.records import CaptionRecord, write_coco
 
     # The configured primary with an honest manifest (file hashes), so the quality gate that every reload
     # passes measures it on a small gate set: this test is about how the name resolves.

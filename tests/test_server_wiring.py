@@ -7,9 +7,9 @@ import asyncio
 import httpx
 from server_helpers import metric
 
-from reefcap.models.engine import EngineConfig
+from reefcap.models.engines.base import EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.errors import InvalidOptionsError
-from reefcap.models.torch_engine import TorchCaptionEngine
 from reefcap.server.app import create_app
 from reefcap.server.metrics import Metrics
 from reefcap.server.pool import ModelPool

@@ -9,7 +9,7 @@ import time
 
 from PIL import Image
 
-from reefcap.models.engine import Caption, CaptionEngine, DecodeOptions, EngineInfo
+from reefcap.models.engines.base import Caption, CaptionEngine, DecodeOptions, EngineInfo
 from reefcap.models.policy import CaptionPolicy
 from reefcap.server.batcher import DynamicBatcher
 from reefcap.server.pool import ModelPool, choose_workers
@@ -99,8 +99,8 @@ def test_one_worker_keeps_batches_apart():
 
 def test_a_caption_does_not_depend_on_its_batch_mates(varied_model, euvp_images):
     """A real engine under two workers: each image's caption is the one it gets alone."""
-    from reefcap.models.engine import EngineConfig
-    from reefcap.models.torch_engine import TorchCaptionEngine
+    from reefcap.models.engines.base import EngineConfig
+    from reefcap.models.engines.torch_engine import TorchCaptionEngine
 
     engine = TorchCaptionEngine.load(str(varied_model), EngineConfig(device="cpu"))
     ims = [Image.open(p).convert("RGB") for p in euvp_images[:6]]

@@ -129,7 +129,7 @@ def test_second_run_on_one_output_fails_cleanly_and_leaves_the_file_intact(capsy
 
 
 def test_quality_option_adds_the_servers_uiqm_and_uciqe(capsys, varied_model, euvp_images, tmp_path):
-    from reefcap.models.images import ImageLimits
+    from reefcap.models.data.images import ImageLimits
     from reefcap.server.service import decode_one
 
     paths = [str(p) for p in euvp_images[:3]] + [str(tmp_path / "missing.jpg")]

@@ -1,5 +1,5 @@
 """Training and serving see the same pixels: a dataset image reaches the trainer's batch exactly as an upload
-of the same file reaches the engine (one decoder, `reefcap.models.images.load_image`, for both)."""
+of the same file reaches the engine (one decoder, `reefcap.models.data.images.load_image`, for both)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reefcap.models.engine import EngineConfig
+from reefcap.models.data.images import load_image
+from reefcap.models.engines.base import EngineConfig
 from reefcap.models.errors import UnsupportedImageFormatError
-from reefcap.models.images import load_image
 from reefcap.training.config import AugmentConfig
 
 pytestmark = pytest.mark.timeout(240)
@@ -50,11 +50,11 @@ def images(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module", params=["torch", "onnx"])
 def engine(request, tiny_model, tmp_path_factory):
     if request.param == "torch":
-        from reefcap.models.torch_engine import TorchCaptionEngine
+        from reefcap.models.engines.torch_engine import TorchCaptionEngine
 
         return TorchCaptionEngine.load(str(tiny_model), EngineConfig(device="cpu"))
-    from reefcap.models.onnx_engine import OnnxCaptionEngine
-    from reefcap.models.onnx_export import export_onnx
+    from reefcap.models.engines.onnx_engine import OnnxCaptionEngine
+    from reefcap.models.export.onnx import export_onnx
 
     exported = export_onnx(str(tiny_model), tmp_path_factory.mktemp("onnx") / "fp32")
     return OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu"), threads=1)
@@ -62,8 +62,8 @@ def engine(request, tiny_model, tmp_path_factory):
 
 def _trainer_pixels(model: Path, image: Path, tmp_path: Path) -> np.ndarray:
     """What `reefcap train` feeds the model for a one-image dataset, augmentations off (as `Trainer` builds it)."""
+    from reefcap.models.engines.torch_engine import load_blip
     from reefcap.models.registry import resolve_model
-    from reefcap.models.torch_engine import load_blip
     from reefcap.training.augment import TrainTransform
     from reefcap.training.data import CaptionBatches, load_records
 
@@ -95,8 +95,8 @@ def test_the_inputs_are_ones_a_bare_convert_gets_wrong(images):
 
 def test_underwater_copies_of_a_dataset_are_rendered_upright(images, tmp_path):
     """`reefcap data underwater` wets the photo as training will read it: the EXIF-rotated one turned upright."""
-    from reefcap.models.records import CaptionRecord
-    from reefcap.training.reefscenes import wet_dataset
+    from reefcap.models.data.records import CaptionRecord
+    from reefcap.models.reefscenes.dataset import wet_dataset
 
     record = CaptionRecord(1, images["exif_jpeg"], ("a gradient",))
     wet_dataset([record], tmp_path / "wet", workers=1, progress=False)
@@ -106,19 +106,19 @@ def test_underwater_copies_of_a_dataset_are_rendered_upright(images, tmp_path):
 
 def test_plain_rgb_jpeg_decodes_bit_exactly_as_before(tmp_path, euvp_images):
     """Existing datasets train on the same pixels as before the switch to the shared decoder."""
-    from reefcap.training.images import load_training_image
+    from reefcap.models.data.images import load_dataset_image
 
     for path in euvp_images[:3]:
         with Image.open(path) as f:
-            assert np.array_equal(np.asarray(load_training_image(path)), np.asarray(f.convert("RGB")))
+            assert np.array_equal(np.asarray(load_dataset_image(path)), np.asarray(f.convert("RGB")))
 
 
 def test_training_keeps_reading_formats_the_server_refuses(tmp_path):
     """The server's upload limits are not a dataset's: a PPM trained before and must still load."""
-    from reefcap.training.images import load_training_image
+    from reefcap.models.data.images import load_dataset_image
 
     path = tmp_path / "frame.ppm"
     Image.fromarray(_scene()).save(path)
     with pytest.raises(UnsupportedImageFormatError):
         load_image(path)
-    assert np.array_equal(np.asarray(load_training_image(path)), _scene())
+    assert np.array_equal(np.asarray(load_dataset_image(path)), _scene())

@@ -61,7 +61,7 @@ class AdaptConfig:
 
 def resolve_data(config: AdaptConfig, work: Path) -> tuple[str, str]:
     """(train, val) caption files; a validation split is cut from the training data when none exists."""
-    from reefcap.models.records import split_records, write_coco
+    from reefcap.models.data.records import split_records, write_coco
 
     from .data import load_records
 
@@ -146,7 +146,7 @@ def choose(candidates: list[dict[str, Any]], base_air: float | None, budget: flo
 def _base_air_cider(config: AdaptConfig) -> float | None:
     if not config.air_val:
         return None
-    from reefcap.models.backends import load_engine
+    from reefcap.models.engines.backends import load_engine
 
     from .data import load_records
     from .evaluation import evaluate
@@ -190,7 +190,7 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
     result = {"model": str(out), "run": best["run"], "report": str(Path(best["run"]) / "report.md"), "why": why}
     result.update(metrics=manifest["metrics"], stopped_early=best["summary"].get("stopped_early"))
     if config.export:
-        from reefcap.models.onnx_export import cached_export
+        from reefcap.models.export.onnx import cached_export
 
         result["onnx"] = str(cached_export(str(out), "fp32"))  # the export the server's first load would make
     return result

@@ -72,7 +72,7 @@ def rand_augment(img: Image.Image, rng: np.random.Generator, n: int = 2, m: int 
 
 def underwater_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Re-render an in-air image as underwater with randomly drawn water (ReefScenes' optics model)."""
-    from reefcap.models.optics import underwater
+    from reefcap.models.reefscenes.optics import underwater
 
     return underwater(img, rng=rng)
 

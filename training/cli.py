@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _reefscenes(args: argparse.Namespace) -> int:
-    from .reefscenes import ReefScenesConfig, default_counts, generate
+    from reefcap.models.reefscenes.dataset import ReefScenesConfig, default_counts, generate
 
     counts = default_counts(args.domain, args.images, args.surface_images)
     config = ReefScenesConfig(seed=args.seed, size=args.size, counts=counts, workers=args.workers)
@@ -21,7 +21,7 @@ def _reefscenes(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from .report import preview
+    from reefcap.models.reefscenes.realism import preview
 
     out = Path(args.out) if args.out else Path(args.dir) / "preview.png"
     print(json.dumps({"preview": str(preview(args.dir, out, n=args.n, split=args.split))}))
@@ -29,7 +29,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from reefcap.models.reefscenes.realism import write_report
 
     result = write_report(
         args.out, euvp=args.euvp, scenes=args.scenes, seed=args.seed, size=args.size, workers=args.workers
@@ -39,8 +39,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from reefcap.models.datasets import load_dataset
-    from reefcap.models.records import split_records, write_coco
+    from reefcap.models.data.datasets import load_dataset
+    from reefcap.models.data.records import split_records, write_coco
 
     records = load_dataset(args.path, fmt=args.fmt, images_root=args.images_root)
     splits = split_records(records, seed=args.seed)
@@ -52,11 +52,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _underwater(args: argparse.Namespace) -> int:
-    from reefcap.models.datasets import load_dataset
-    from reefcap.models.optics import WATER_TYPES
-    from reefcap.models.records import DatasetError
-
-    from .reefscenes import wet_dataset
+    from reefcap.models.data.datasets import load_dataset
+    from reefcap.models.data.records import DatasetError
+    from reefcap.models.reefscenes.dataset import wet_dataset
+    from reefcap.models.reefscenes.optics import WATER_TYPES
 
     if args.water_type and args.water_type not in WATER_TYPES:
         raise DatasetError(f"unknown water type {args.water_type!r}; expected one of {', '.join(WATER_TYPES)}")

@@ -33,7 +33,7 @@ def _evaluate(model: str | Path, splits: dict[str, Path], cache: Path, meteor: b
         cached = json.loads(cache.read_text())
         if DOMAIN_KEY in cached:  # made before per-domain scores: evaluate again
             return cached
-    from reefcap.models.backends import load_engine
+    from reefcap.models.engines.backends import load_engine
 
     from .data import load_records
     from .evaluation import domain_metrics, evaluate

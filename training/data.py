@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reefcap.models.data.images import load_dataset_image
 from reefcap.models.errors import ReefcapError
 
 from .augment import TrainTransform
-from .images import load_training_image
 from .labels import build_targets
 
 
 def load_records(path: str | Path) -> list:
     """Caption records of a dataset file (any format issue-3's loader reads)."""
-    from reefcap.models.datasets import load_dataset
+    from reefcap.models.data.datasets import load_dataset
 
     records = load_dataset(Path(path))
     if not records:
@@ -45,7 +45,7 @@ class ImageCache:
     def get(self, path: Path) -> Image.Image:
         img = self.images.get(path)
         if img is None:
-            img = self.images[path] = load_training_image(path)
+            img = self.images[path] = load_dataset_image(path)
         return img
 
 

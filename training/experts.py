@@ -7,7 +7,7 @@
   out from stage 1 (``holdout`` of each domain's scenes) with GuiDG's loss ``sum_i w_i * loss_i`` per image
   (``loss_i`` = the caption loss under expert ``i``), AdamW, cosine.
 
-The result is a BLIP checkpoint folder with the experts beside it (:mod:`reefcap.models.experts`), written
+The result is a BLIP checkpoint folder with the experts beside it (:mod:`reefcap.models.engines.experts`), written
 to ``OUT/best`` and ``OUT/last`` (the same model: the end of stage 2; with ``select_on_val`` each expert is its
 best stage-1 state on its domain's ``--val`` loss), with
 ``log.jsonl`` and ``reefcap_train.json`` like every run.
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from reefcap.models.engines.experts import ExpertsConfig, init_prompts, modules, save_experts
+from reefcap.models.engines.torch_engine import load_blip
 from reefcap.models.errors import ReefcapError
-from reefcap.models.experts import ExpertsConfig, init_prompts, modules, save_experts
 from reefcap.models.registry import resolve_model
-from reefcap.models.torch_engine import load_blip
 
 from .augment import TrainTransform
 from .config import Recipe, StageConfig, TrainConfig, write_checkpoint
@@ -53,7 +53,7 @@ def split_domains(records: list, config: ExpertsConfig, holdout: float, seed: in
 
 def with_context(decoder: Any, input_ids, attention_mask, labels, ctx):
     """Decoder inputs with each row's context vectors ``ctx (R, K, H)`` inserted after ``[DEC]``, and their
-    position ids (:func:`~reefcap.models.experts.context_positions`)."""
+    position ids (:func:`~reefcap.models.engines.experts.context_positions`)."""
     words = decoder.get_input_embeddings()(input_ids)
     rows, k = ctx.shape[0], ctx.shape[1]
     embeds = torch.cat([words[:, :1], ctx.to(words.dtype), words[:, 1:]], dim=1)
@@ -244,7 +244,7 @@ class ExpertsTrainer:
     @torch.no_grad()
     def _val_losses(self, blip, head, processor) -> dict[str, float]:
         """Mean caption loss of each domain's validation images (first caption) under that domain's expert."""
-        from reefcap.models.images import load_image
+        from reefcap.models.data.images import load_image
 
         from .labels import build_targets
 
@@ -262,7 +262,7 @@ class ExpertsTrainer:
     @torch.no_grad()
     def _routing(self, blip, head, processor) -> float:
         """Fraction of held-out images whose largest fusion weight is their true domain (no augmentation)."""
-        from reefcap.models.images import load_image
+        from reefcap.models.data.images import load_image
 
         hits = 0
         for start in range(0, len(self.held), 64):

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from reefcap.models.engine import DecodeOptions
+from reefcap.models.engines.base import DecodeOptions
 from reefcap.models.errors import ReefcapError
 from reefcap.models.registry import sha256_file
 
@@ -40,7 +40,7 @@ def parse_tests(items: list[str] | None) -> dict[str, str]:
 
 def data_provenance(inputs: RunInputs, tests: dict[str, str]) -> dict[str, Any]:
     """Each caption file the run read or was scored on, with its SHA-256 and image count."""
-    from reefcap.models.datasets import load_dataset
+    from reefcap.models.data.datasets import load_dataset
 
     files = {"train": inputs.data, "val": inputs.val, "preserve": inputs.preserve_data}
     files.update({f"test/{name}": path for name, path in tests.items()})
@@ -77,7 +77,7 @@ def finish_run(
 
     Returns the manifest. METEOR is left out (it needs Java); ``reefcap eval`` adds it.
     """
-    from reefcap.models.backends import load_engine
+    from reefcap.models.engines.backends import load_engine
 
     from .data import load_records
     from .evaluation import evaluate

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from reefcap.models.engine import BLIP_PROMPT
+from reefcap.models.engines.base import BLIP_PROMPT
 
 IGNORE = -100
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")

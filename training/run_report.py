@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from .report import _caption_cell
+from reefcap.models.reefscenes.realism import _caption_cell
 
 GRID_IMAGES = 8
 

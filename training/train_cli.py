@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _decode_options(args: argparse.Namespace):
-    from reefcap.models.engine import DecodeOptions
+    from reefcap.models.engines.base import DecodeOptions
 
     # validate() raises InvalidOptionsError, a ReefcapError: the CLI reports it as a usage error.
     return (
@@ -79,8 +79,8 @@ def _decode_options(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from reefcap.models.backends import load_engine
-    from reefcap.models.engine import EngineConfig, require_positive
+    from reefcap.models.engines.backends import load_engine
+    from reefcap.models.engines.base import EngineConfig, require_positive
     from reefcap.models.policy import fallback_name, open_policy
 
     from .data import load_records

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from reefcap.models.engine import DecodeOptions, EngineConfig
+from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.torch_engine import TorchCaptionEngine, load_blip
 from reefcap.models.errors import ReefcapError
 from reefcap.models.registry import ResolvedModel, resolve_model
-from reefcap.models.torch_engine import TorchCaptionEngine, load_blip
 
 from .augment import TrainTransform
 from .config import Recipe, StageConfig, TrainConfig, write_checkpoint
