@@ -109,7 +109,7 @@ def run_bench(
     log: Callable[[BenchRow], None] | None = None,
 ) -> list[BenchRow]:
     """Measure every variant at every batch size, and the naive baseline, on ``model``; returns the rows."""
-    from reefcap.models.engines.backends import load_engine
+    from reefcap.models.engines.loader import load_engine
     from reefcap.models.registry import resolve_model
 
     resolved = resolve_model(model)
@@ -133,7 +133,7 @@ def run_bench(
     add(BenchRow(resolved.name, "naive pipeline", naive_device, "fp32", 1, ips, ms, n, 1.0))
     base = ips
     for backend, device, dtype in variants:
-        engine = load_engine(str(resolved.path), backend=backend, config=EngineConfig(device=device, dtype=dtype))
+        engine = load_engine(str(resolved.path), EngineConfig(backend=backend, device=device, dtype=dtype))
         run = functools.partial(_caption, engine, options)
         try:
             run(photos[:1])  # warm-up outside the timed cells

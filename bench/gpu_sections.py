@@ -119,15 +119,15 @@ def environment() -> dict[str, Any]:
 
 def parity(plan: Plan, deadline: float) -> dict[str, Any]:
     """Greedy captions of each bundled model on ``plan.device`` in every dtype, against CPU fp32."""
-    from reefcap.models.engines.backends import load_engine
     from reefcap.models.engines.base import DecodeOptions, EngineConfig
+    from reefcap.models.engines.loader import load_engine
 
     photos, source = load_photos(plan.images)
     options = DecodeOptions.greedy()
     rows, notes = [], [f"Images: {source}. Greedy decoding, default length (20 tokens with the prompt)."]
 
     def captions(model: str, device: str, dtype: str) -> list[str]:
-        engine = load_engine(model, "torch", EngineConfig(device=device, dtype=dtype))
+        engine = load_engine(model, EngineConfig(backend="torch", device=device, dtype=dtype))
         try:
             return [c.caption for c in engine.caption(photos, options)]
         finally:
@@ -154,8 +154,8 @@ def parity(plan: Plan, deadline: float) -> dict[str, Any]:
 
 def throughput(plan: Plan, deadline: float) -> dict[str, Any]:
     """Images/s of greedy fixed-length decoding per (dtype, batch), with peak GPU memory and roof fraction."""
-    from reefcap.models.engines.backends import load_engine
     from reefcap.models.engines.base import DecodeOptions, EngineConfig
+    from reefcap.models.engines.loader import load_engine
 
     photos, source = load_photos(plan.images)
     path = model_path(plan.bench_model, plan.work)
@@ -164,7 +164,7 @@ def throughput(plan: Plan, deadline: float) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     flops = None
     for dtype in plan.bench_dtypes:
-        engine = load_engine(path, "torch", EngineConfig(device=plan.device, dtype=dtype))
+        engine = load_engine(path, EngineConfig(backend="torch", device=plan.device, dtype=dtype))
         flops = vision_flops(engine.model.config)
         try:
             engine.caption(photos[:1], options)  # first call picks kernels and fills caches

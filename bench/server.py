@@ -176,8 +176,8 @@ def stage_costs(model: str, images: list[bytes], dtype: str, batch: int = 32) ->
     """CPU ms per image of each stage an upload goes through, one thread, nothing else running: decoding,
     UIQM/UCIQE, BLIP preprocessing and inference at ``batch`` images (more than the server's batches hold)."""
     from reefcap.models.data.images import ImageLimits, load_image
-    from reefcap.models.engines.backends import engine_class
     from reefcap.models.engines.base import DecodeOptions, EngineConfig
+    from reefcap.models.engines.loader import load_engine
     from reefcap.server.service import decode_one
 
     def per_image(fn, n: int, reps: int = 5) -> float:
@@ -189,7 +189,7 @@ def stage_costs(model: str, images: list[bytes], dtype: str, batch: int = 32) ->
         return round(best, 3)
 
     limits = ImageLimits()
-    engine = engine_class("onnx").load(model, EngineConfig(dtype=dtype), threads=1)
+    engine = load_engine(model, EngineConfig(backend="onnx", dtype=dtype, threads=1))
     decoded = [load_image(d, limits) for d in images]
     group = (decoded * (batch // len(decoded) + 1))[:batch]
     pixels = engine.preprocess(group)

@@ -1,10 +1,11 @@
 """Offline batch captioning: the same engines and captioning policy the server uses (primary, fallback,
 degenerate-caption replacement, circuit breaker: :mod:`reefcap.models.policy.captioning`), driven over a list of inputs.
 
-Each input yields one record, in input order: ``{"image", "caption", "model", "confidence", "water_type", "fallback"}``
-(``fallback`` is the server's ``{"used", "reason"}``) or, for an input that cannot be decoded,
-``{"image", "error", "code"}``; with ``quality`` a caption record also has the server's ``"quality": {"uiqm",
-"uciqe"}`` of the input. A bad image never stops the run. Images are decoded on a thread pool one
+Each input yields one record, in input order: the library's :class:`~reefcap.models.policy.results.CaptionResult`
+as JSON, the shape the server answers with (``image``, ``caption``, ``model`` ``{name, version, backend}``,
+``fallback`` ``{used, reason}``, ``confidence``, ``tokens``, ``water_type``, ``quality``: the input's ``{"uiqm",
+"uciqe"}`` with ``quality``, else null) or, for an input that cannot be decoded, ``{"image", "error", "code"}``.
+A bad image never stops the run. Images are decoded on a thread pool one
 batch ahead, so decoding overlaps the model's work on the previous batch.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from reefcap.models.engines.base import CaptionEngine, DecodeOptions, require_positive
 from reefcap.models.errors import ImageError
-from reefcap.models.policy import CaptionPolicy, Served, as_policy
+from reefcap.models.policy import CaptionPolicy, as_policy
 from reefcap.models.quality import input_quality
 
 
@@ -30,18 +31,6 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(items)
     while chunk := list(islice(it, size)):
         yield chunk
-
-
-def caption_record(name: str, served: Served) -> dict[str, Any]:
-    c = served.caption
-    return {
-        "image": name,
-        "caption": c.caption,
-        "model": c.model,
-        "confidence": c.confidence,
-        "water_type": c.water_type,
-        "fallback": served.fallback,
-    }
 
 
 def error_record(name: str, exc: ImageError) -> dict[str, Any]:
@@ -90,10 +79,7 @@ class BatchCaptioner:
             if isinstance(d, ImageError):
                 records.append(error_record(n, d))
                 continue
-            record = caption_record(n, next(captions))
-            if d[1] is not None:
-                record["quality"] = d[1]
-            records.append(record)
+            records.append(next(captions).replace(image=n, quality=d[1]).to_dict())
         return records
 
     def run_batches(self, inputs: Iterable[str]) -> Iterator[list[dict[str, Any]]]:

@@ -40,7 +40,8 @@ def _checked(args: argparse.Namespace) -> tuple[Any, Any]:
     if not args.timeout > 0:
         raise InputError(f"--timeout must be more than 0 seconds, got {args.timeout}")
     options = DecodeOptions(num_beams=1 if args.greedy else args.beams, max_length=args.max_length).validate()
-    return options, EngineConfig(device=args.device, dtype=args.dtype)
+    config = EngineConfig(backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads)
+    return options, config
 
 
 def _source(args: argparse.Namespace, options: Any, config: Any):
@@ -58,24 +59,15 @@ def _source(args: argparse.Namespace, options: Any, config: Any):
 
         address = None if args.ray == "local" else args.ray
         return lambda names: run_on_ray(
-            names,
-            args.model,
-            args.backend,
-            address,
-            args.batch_size,
-            options,
-            args.dtype,
-            args.ray_cpus,
-            fallback,
-            quality=args.quality,
+            names, args.model, config, address, args.batch_size, options, args.ray_cpus, fallback, quality=args.quality
         )
-    from reefcap.models.engines.backends import load_engine
     from reefcap.models.policy import open_policy
 
     from .batch import BatchCaptioner
 
-    # The server's policy, offline: no primary timeout (a slow machine is not a failing model).
-    policy = open_policy(args.model, fallback, lambda m: load_engine(m, backend=args.backend, config=config))
+    # The server's models and policy, offline: the same loader and defaults; no primary timeout (a slow machine
+    # is not a failing model).
+    policy = open_policy(args.model, fallback, config)
     return BatchCaptioner(policy, args.batch_size, options, args.workers, quality=args.quality).run_batches
 
 
@@ -136,6 +128,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from reefcap.models.engines.base import BACKEND_CHOICES, DTYPE_CHOICES
     from reefcap.models.policy import DEFAULT_FALLBACK, DEFAULT_PRIMARY
 
     from .progress import DEFAULT_EVERY_S
@@ -168,14 +161,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"(default: {DEFAULT_FALLBACK}; 'none' turns it off). Each line's 'fallback' says whether it answered "
         "and why. Ignored with --server (the server uses its own)",
     )
-    p.add_argument("--backend", default="torch", help="caption engine backend: torch or onnx (default: torch)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKEND_CHOICES,
+        help="caption engine backend (default: auto, as the server: ONNX Runtime where it imports, else PyTorch)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: up to 4)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of 3-beam search")
     p.add_argument("--beams", type=int, default=3, help="beam width when not --greedy")
     p.add_argument("--max-length", type=int, default=20, help="maximum tokens, decoder prompt included")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="int8: onnx backend only")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="default auto, as the server: int8 where the model's stored int8 agreement holds on this CPU (onnx "
+        "backend), else fp32",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="the model's intra-op threads (default 0, as the server: one per core minus one; every core for a "
+        "model of 50 M parameters or more)",
+    )
     p.add_argument("--api-key", default=None, help="bearer key for --server (default: $REEFCAP_API_KEY)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds with --server")

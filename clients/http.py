@@ -2,8 +2,10 @@
 
 Both send one image per request to ``POST /v1/captions`` (the server batches across requests), retry
 with exponential backoff on 429/503 and on connection failures, honouring ``Retry-After``, and return
-typed :class:`CaptionResult` objects. A 4xx answer raises :class:`ReefcapHTTPError` with the server's error
-code and message; ``caption_many`` returns such errors in place instead of raising.
+:class:`~reefcap.models.policy.results.CaptionResult` records, the library's one result type
+(``result.model.name``, ``result.fallback``, ``result.quality``; ``result.request_id`` and ``result.index`` for
+feedback). A 4xx answer raises :class:`ReefcapHTTPError` with the server's error code and message;
+``caption_many`` returns such errors in place instead of raising.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from PIL import Image
 
 from reefcap.models.engines.base import DecodeOptions
 from reefcap.models.errors import ImageNotFoundError, NotAnImageError, ReefcapError
+from reefcap.models.policy.results import CaptionResult
 
 RETRY_STATUS = {429, 503}
 # Failures before any answer: the request is safe to send again (captioning has no side effect to repeat).
@@ -39,44 +42,6 @@ class ReefcapHTTPError(ReefcapError):
     def __init__(self, status: int, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(f"HTTP {status} {code}: {message}")
         self.status, self.code, self.message, self.request_id = status, code, message, request_id
-
-
-@dataclass(frozen=True)
-class CaptionResult:
-    """One image's answer from the server."""
-
-    caption: str
-    model: str
-    model_version: str
-    fallback: bool
-    fallback_reason: str | None
-    confidence: float
-    latency_ms: float
-    uiqm: float | None
-    uciqe: float | None
-    request_id: str
-    raw: dict[str, Any] = field(repr=False, compare=False)
-    index: int = 0  # the image's position in its request: feedback names (request_id, index)
-    water_type: dict[str, Any] | None = None  # {"label", "probability"} from a water-type experts model
-
-    @classmethod
-    def from_response(cls, item: dict[str, Any], request_id: str) -> CaptionResult:
-        model, fallback, quality = item["model"], item.get("fallback") or {}, item.get("quality") or {}
-        return cls(
-            caption=item["caption"],
-            model=model["name"],
-            model_version=model.get("version", ""),
-            fallback=bool(fallback.get("used")),
-            fallback_reason=fallback.get("reason"),
-            confidence=float(item["confidence"]),
-            latency_ms=float(item.get("latency_ms", 0.0)),
-            uiqm=quality.get("uiqm"),
-            uciqe=quality.get("uciqe"),
-            request_id=request_id,
-            raw=item,
-            index=int(item.get("index", 0)),
-            water_type=item.get("water_type"),
-        )
 
 
 @dataclass(frozen=True)
@@ -132,7 +97,7 @@ def _parse(response: httpx.Response) -> CaptionResult:
             code, message = "http_error", response.text[:200]
         raise ReefcapHTTPError(response.status_code, code, message, request_id)
     body = response.json()
-    return CaptionResult.from_response(body["results"][0], body.get("request_id", request_id))
+    return CaptionResult.from_dict(body["results"][0], request_id=body.get("request_id", request_id))
 
 
 def _feedback_body(request_id: str, index: int, references: str | Sequence[str]) -> dict[str, Any]:
@@ -325,18 +290,6 @@ def run_on_server(
         for (name, _), answer in zip(readable, answers, strict=True):
             if isinstance(answer, ReefcapHTTPError):
                 records[name] = {"image": name, "error": answer.message, "code": answer.code}
-            else:
-                records[name] = {
-                    "image": name,
-                    "caption": answer.caption,
-                    "model": answer.model,
-                    "confidence": answer.confidence,
-                    "water_type": answer.water_type,
-                    "fallback": {"used": answer.fallback, "reason": answer.fallback_reason},  # as in local mode
-                    # What `reefcap feedback post` needs to attach references to this caption later.
-                    "request_id": answer.request_id,
-                    "index": answer.index,
-                }
-                if quality:
-                    records[name]["quality"] = answer.raw.get("quality")
+            else:  # the same record as local mode, with what `reefcap feedback post` needs: request_id, index
+                records[name] = answer.replace(image=name).to_dict()
         yield [records[name] for name in chunk]

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "reefcap.server.cli",
     "reefcap.clients.feedback_cli",
     "reefcap.training.train_cli",
+    "reefcap.bench.cli",
 ]
 
 FEEDBACK_HELP = "reference captions for served images: post them to a server, export them for training"

@@ -64,7 +64,7 @@ class Runtime:
         s = self.settings
         service = CaptionService(s, pool, self.metrics, self._store)
         service.start()
-        self.reloader = Reloader(pool, s.model, s.backend, engine_config(s), self.metrics, gate_setup(s, self._store))
+        self.reloader = Reloader(pool, s.model, engine_config(s), self.metrics, gate_setup(s, self._store))
         self.service = service
         if s.reload_poll_s > 0:
             self._tasks.append(asyncio.create_task(self.reloader.watch(s.reload_poll_s)))

@@ -47,7 +47,7 @@ class CostModel:
 def choose_workers(cost: CostModel, workers: int, options: DecodeOptions) -> int:
     """Batches in flight: ``workers``, or with 0 (automatic) two for a primary the warm-up measured cheap on
     two cores or more, else one. A cheap model runs each batch on one intra-op thread, so one batch at a time
-    left a core idle at 32 connections; a heavy one already has every core (``tune_threads``), and an
+    left a core idle at 32 connections; a heavy one already has every core (the loader's thread policy), and an
     unmeasured one (no warm-up) keeps the single batch."""
     if workers:
         return workers

@@ -1,37 +1,30 @@
 """The server's side of the captioning policy: loading the models, their manifests, and metrics.
 
 The policy itself (primary, fallback, degenerate-caption replacement, circuit breaker, reasons) is the
-library's :class:`~reefcap.models.policy.captioning.CaptionPolicy`, the same object ``reefcap caption`` and ``reefcap
-eval`` use. :class:`ModelPool` is a thin adapter: it runs the policy's synchronous ``caption`` on a thread of
-its own (a thread per batch in flight: one, or two for a cheap model on two cores or more, see
-:func:`choose_workers`), keeps each model's manifest for ``/v1/models``
-and ``/readyz``, and turns the policy's reports into Prometheus metrics.
+library's :class:`~reefcap.models.policy.captioning.CaptionPolicy`, the same object ``reefcap caption`` and
+``reefcap eval`` use, and the models are loaded by the library's one loader
+(:func:`~reefcap.models.engines.loader.load_engine`) with the settings' backend, dtype, device and threads, at
+start and on every reload. :class:`ModelPool` is a thin adapter: the batcher awaits the policy's
+``caption_async`` (one thread handoff per batch: the event loop to a model's thread and back; two batches in
+flight for a cheap model on two cores or more, see :func:`choose_workers`), keeps each model's manifest for
+``/v1/models`` and ``/readyz``, and turns the policy's reports into Prometheus metrics.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import json
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from reefcap.models.engines.backends import BACKENDS, engine_class, load_engine
 from reefcap.models.engines.base import CaptionEngine, DecodeOptions, EngineConfig, EngineInfo
-from reefcap.models.engines.precision import auto_dtype
-from reefcap.models.errors import ReefcapError
-from reefcap.models.policy import CaptionPolicy, CircuitBreaker, PolicyObserver, Served, load_models
-from reefcap.models.registry import resolve_model
+from reefcap.models.engines.manifests import checkpoint_manifest, evaluation_manifest
+from reefcap.models.policy import CaptionPolicy, CaptionResult, CircuitBreaker, PolicyObserver, load_models
 
-from .cost import HEAVY_IMAGE_S, CostModel, choose_workers
+from .cost import CostModel, choose_workers
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -40,73 +33,26 @@ if TYPE_CHECKING:
 __all__ = [
     "CostModel",
     "ModelPool",
-    "Served",
     "build_pool",
     "checkpoint_manifest",
     "choose_workers",
     "engine_config",
     "evaluation_manifest",
-    "load_model",
 ]
 
 log = logging.getLogger("reefcap.server")
-MANIFEST = "manifest.json"
 
 
-def fastest_backend() -> str:
-    """ONNX Runtime when a backend named "onnx" is registered and its module imports, else PyTorch."""
-    if "onnx" in BACKENDS:
-        try:
-            engine_class("onnx")
-            return "onnx"
-        except ReefcapError:
-            pass
-    return "torch"
-
-
-def load_model(model: str, backend: str, config: EngineConfig) -> CaptionEngine:
-    """Load ``model``; with backend "auto", the fastest backend first and PyTorch if that one cannot load it."""
-    if backend != "auto":
-        return load_engine(model, backend, config)
-    first = fastest_backend()
-    if first == "torch":
-        return load_engine(model, "torch", config)
-    try:
-        return load_engine(model, first, config)
-    except Exception as exc:  # e.g. no export possible for this checkpoint: PyTorch still serves it
-        log.warning("%s: %s backend could not load it (%s); using torch", model, first, exc)
-        if config.dtype == "int8":  # dtype auto's int8 is an ONNX export; PyTorch serves the checkpoint in fp32
-            config = dataclasses.replace(config, dtype="fp32")
-        return load_engine(model, "torch", config)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def checkpoint_manifest(model: str) -> dict[str, Any]:
-    """The ``manifest.json`` of the checkpoint ``model`` resolves to (whatever backend runs it), or {}."""
-    try:
-        return _read_json(resolve_model(model).path / MANIFEST)
-    except ReefcapError:
-        return {}
-
-
-def evaluation_manifest(engine: CaptionEngine) -> dict[str, Any]:
-    """The model's ``manifest.json`` (evaluation metrics per split), or {} when absent or unreadable.
-
-    An ONNX export folder has a manifest of its own naming the checkpoint it came from; the evaluation
-    lives with that checkpoint.
-    """
-    data = _read_json(Path(engine.describe().source) / MANIFEST)
-    origin = data.get("source")
-    if "metrics" not in data and isinstance(origin, dict) and isinstance(origin.get("path"), str):
-        data = _read_json(Path(origin["path"]) / MANIFEST)
-    return data
+def engine_config(settings: ServerSettings) -> EngineConfig:
+    """How the server loads every model, at start and on every reload: the one loader settles ``auto`` per
+    model (so a reloaded int8 primary is int8 again), and ``inference_threads`` 0 is its thread policy."""
+    return EngineConfig(
+        backend=settings.backend,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.inference_threads,
+        limits=settings.image_limits,
+    )
 
 
 @dataclass
@@ -119,7 +65,7 @@ class Model:
 
     def __post_init__(self) -> None:
         self.info: EngineInfo = self.engine.describe()
-        self.manifest = self.manifest or evaluation_manifest(self.engine)
+        self.manifest = self.manifest or evaluation_manifest(self.info.source)
 
 
 class MetricsObserver(PolicyObserver):
@@ -173,10 +119,7 @@ class ModelPool:
             workers=workers,
         )
         self.cost = CostModel()
-        # The policy blocks (it waits for the primary with a timeout): it runs here, off the event loop, on one
-        # thread per batch the batcher may hand over at once.
-        self.workers = workers
-        self._dispatch = ThreadPoolExecutor(workers, thread_name_prefix="reefcap-policy")
+        self.workers = workers  # batches the batcher may hand over at once
         self._manifest_labels: list[tuple[str, ...]] = []
         self.metrics: Metrics | None = None
         if metrics is not None:
@@ -221,8 +164,6 @@ class ModelPool:
     def set_workers(self, workers: int) -> None:
         """Run up to ``workers`` batches at once; before serving (the service's batcher reads ``workers``)."""
         self.workers = max(1, workers)
-        old, self._dispatch = self._dispatch, ThreadPoolExecutor(self.workers, thread_name_prefix="reefcap-policy")
-        old.shutdown(wait=False)
         self.policy.set_workers(self.workers)
 
     # ---- metrics ------------------------------------------------------------------------------
@@ -255,15 +196,14 @@ class ModelPool:
 
     # ---- inference ----------------------------------------------------------------------------
 
-    async def caption_batch(self, images: list[Image.Image], options: DecodeOptions) -> list[Served]:
-        """One :class:`Served` per image, in order, from the primary where it can answer.
+    async def caption_batch(self, images: list[Image.Image], options: DecodeOptions) -> list[CaptionResult]:
+        """One :class:`CaptionResult` per image, in order, from the primary where it can answer.
 
         The primary's timeout for this batch scales with its measured cost (:class:`CostModel`); a batch the
         primary answered alone updates that measure."""
-        loop = asyncio.get_running_loop()
         timeout = self.cost.budget(self.policy.primary_timeout_s or 0.0, len(images), options)
         start = time.perf_counter()
-        served = await loop.run_in_executor(self._dispatch, self.policy.caption, images, options, timeout)
+        served = await self.policy.caption_async(images, options, timeout)
         if all(s.fallback_reason is None for s in served):
             self.cost.observe(len(images), options, time.perf_counter() - start)
         return served
@@ -289,7 +229,6 @@ class ModelPool:
 
     def close(self) -> None:
         self.policy.close()
-        self._dispatch.shutdown(wait=False)
 
 
 def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_any: bool = False) -> ModelPool:
@@ -297,11 +236,7 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
 
     With ``log_if_any`` load failures are logged only when some model loaded (the caller reports the rest).
     """
-    own_ort_threads = set_inference_threads(settings.inference_threads)
-    config = engine_config(settings)
-    loaded = load_models(
-        settings.model, settings.fallback, lambda m: load_model(m, settings.backend, engine_config(settings, m))
-    )
+    loaded = load_models(settings.model, settings.fallback, engine_config(settings))
     if loaded.primary_error and (loaded.fallback or not log_if_any):
         log.error("primary model %s not loaded: %s", settings.model, loaded.primary_error)
     if loaded.fallback_error and (loaded.primary or not log_if_any):
@@ -315,88 +250,14 @@ def build_pool(settings: ServerSettings, metrics: Metrics | None = None, log_if_
         breaker_reset_s=settings.breaker_reset_s,
         primary_error=loaded.primary_error,
         fallback_error=loaded.fallback_error,
-        manifests=(checkpoint_manifest(settings.model), checkpoint_manifest(settings.fallback or "")),
+        manifests=(
+            checkpoint_manifest(settings.model),
+            checkpoint_manifest(settings.fallback) if settings.fallback else {},
+        ),
     )
     pool.cost.slack = settings.cost_slack
     defaults = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
     if settings.warm_up:
         pool.warm_up(defaults)
-        if tune_threads(pool, settings.inference_threads, defaults, set_ort=own_ort_threads):
-            _reload_onnx_primary(pool, settings.model, config, defaults)
     pool.set_workers(choose_workers(pool.cost, settings.inference_workers, defaults))
     return pool
-
-
-def tune_threads(pool: ModelPool, threads: int, options: DecodeOptions, set_ort: bool = True) -> bool:
-    """With ``threads`` 0 (automatic): when the warm-up measured a heavy model, give inference every core
-    instead of every core but one (the one kept for decoding and HTTP idles beside a model this slow).
-    Sets PyTorch's threads and (with ``set_ort``) the ONNX backend's for its next load; True when the
-    ONNX backend's changed."""
-    import torch
-
-    cores = os.cpu_count() or 1
-    one = pool.cost.expected_s(1, options)
-    if threads or cores < 2 or one is None or one < HEAVY_IMAGE_S or torch.get_num_threads() >= cores:
-        return False
-    log.info("the primary takes %.2f s an image: inference gets all %d cores", one, cores)
-    torch.set_num_threads(cores)
-    if set_ort:
-        os.environ["REEFCAP_ORT_THREADS"] = str(cores)
-    return set_ort
-
-
-def _reload_onnx_primary(pool: ModelPool, model: str, config: EngineConfig, options: DecodeOptions) -> None:
-    """ONNX Runtime fixes a session's threads when it loads: load an ONNX primary again and measure it; keep
-    whichever of the two measured faster (on a CPU shared with other work more threads can be slower)."""
-    if pool.primary is None or pool.primary.info.backend != "onnx":
-        return
-    old, before = pool.primary, pool.cost.unit_s
-    try:
-        engine = load_model(model, "onnx", config)
-    except Exception as exc:  # keep serving with the threads it has
-        log.warning("could not reload the primary with more threads: %s", exc)
-        return
-    pool.swap_primary(engine, old.manifest)
-    pool.cost.unit_s = None
-    if pool.warm_up(options) is not None and (before is None or (pool.cost.unit_s or before) < before):
-        old.engine.close()
-        return
-    log.info("the primary was no faster on every core: back to the threads it had")
-    os.environ["REEFCAP_ORT_THREADS"] = str(max(1, (os.cpu_count() or 1) - 1))  # for hot reloads too
-    pool.swap_primary(old.engine, old.manifest)
-    pool.cost.unit_s = before
-    engine.close()
-
-
-def engine_config(settings: ServerSettings, model: str | None = None) -> EngineConfig:
-    """How the server loads every model: at start, and on a hot reload. dtype ``auto`` is int8 for a ``model``
-    whose stored int8 agreement holds on this CPU and that the ONNX backend serves on the CPU, else fp32."""
-    dtype = settings.dtype
-    if dtype == "auto":
-        dtype, why = "fp32", "no model named"
-        onnx = settings.backend == "onnx" or (settings.backend == "auto" and fastest_backend() == "onnx")
-        if model and onnx and settings.device in ("auto", "cpu") and not _has_cuda():
-            dtype, why = auto_dtype(checkpoint_manifest(model))
-        if model:
-            log.info("%s: serving %s (%s)", model, dtype, why)
-    return EngineConfig(device=settings.device, dtype=dtype, limits=settings.image_limits)
-
-
-def _has_cuda() -> bool:
-    """Whether ONNX Runtime would put an ``auto`` device on a GPU (int8 exports are for CPUs)."""
-    from reefcap.models.engines.onnx_engine import ort_device
-
-    return ort_device("auto")[0] == "cuda"
-
-
-def set_inference_threads(threads: int) -> bool:
-    """Intra-op threads of PyTorch and (unless REEFCAP_ORT_THREADS says otherwise) of the ONNX backend:
-    ``threads``, or with 0 one per core minus one (at least one). True when it set the ONNX backend's."""
-    import torch
-
-    n = threads or max(1, (os.cpu_count() or 1) - 1)
-    torch.set_num_threads(n)
-    if "REEFCAP_ORT_THREADS" in os.environ:  # the user's choice stands
-        return False
-    os.environ["REEFCAP_ORT_THREADS"] = str(n)  # read by the onnx backend when it loads
-    return True

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.loader import load_engine
 from reefcap.models.errors import ReefcapError
 from reefcap.models.policy.gate import GateConfig, GateItems, GateReport, choose_gate_set, run_gate
 from reefcap.models.registry import resolve_model
 
-from .pool import ModelPool, checkpoint_manifest, evaluation_manifest, load_model
+from .pool import ModelPool, checkpoint_manifest, evaluation_manifest
 
 log = logging.getLogger("reefcap.server")
 
@@ -75,15 +76,11 @@ class Reloader:
     """Loads, gates and swaps primaries; also watches the primary's folder when polling is on."""
 
     def __init__(
-        self,
-        pool: ModelPool,
-        model: str,
-        backend: str,
-        config: EngineConfig,
-        metrics: Any,
-        gate: GateSetup | None = None,
+        self, pool: ModelPool, model: str, config: EngineConfig, metrics: Any, gate: GateSetup | None = None
     ) -> None:
-        self.pool, self.model, self.backend, self.config, self.metrics = pool, model, backend, config, metrics
+        """``config``: the one the pool's models were loaded with (``auto`` settled per model by the loader), so
+        a reloaded model gets the backend, dtype and threads it would get at start-up."""
+        self.pool, self.model, self.config, self.metrics = pool, model, config, metrics
         self.gate = gate or GateSetup(DecodeOptions.greedy())
         self.last_report: GateReport | None = None
         self._lock = asyncio.Lock()
@@ -103,7 +100,7 @@ class Reloader:
         target = model or self.model
         async with self._lock:
             try:
-                engine = await asyncio.to_thread(load_model, target, self.backend, self.config)
+                engine = await asyncio.to_thread(load_engine, target, self.config)
             except ReefcapError:
                 self.metrics.reloads.labels("load_failed").inc()
                 raise
@@ -118,7 +115,7 @@ class Reloader:
                 self.metrics.reloads.labels("rejected").inc()
                 log.warning("reload of %s refused: %s", target, report.to_dict())
                 raise QualityGateError(report)
-            candidate = checkpoint_manifest(target) or evaluation_manifest(engine)
+            candidate = checkpoint_manifest(target) or evaluation_manifest(engine.describe().source)
             previous = self.pool.primary.info.to_dict() if self.pool.primary else None
             self.pool.swap_primary(engine, candidate)
             self.model = target

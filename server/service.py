@@ -18,12 +18,13 @@ from PIL import Image
 from reefcap.models.data.images import ImageLimits, load_image
 from reefcap.models.engines.base import DecodeOptions
 from reefcap.models.errors import InvalidOptionsError
+from reefcap.models.policy import CaptionResult
 from reefcap.models.quality import input_quality
 
 from .batcher import DeadlineExceededError, DynamicBatcher
 from .feedback import FeedbackStore, stored_image
 from .metrics import Metrics
-from .pool import ModelPool, Served
+from .pool import ModelPool
 from .settings import ServerSettings
 
 log = logging.getLogger("reefcap.server")
@@ -63,7 +64,7 @@ class CaptionService:
         self.limits = settings.image_limits
         workers = settings.decode_workers or max(1, (os.cpu_count() or 1) // 2)
         self.decoder = ThreadPoolExecutor(workers, thread_name_prefix="reefcap-decode")
-        self.batcher: DynamicBatcher[Served] = DynamicBatcher(
+        self.batcher: DynamicBatcher[CaptionResult] = DynamicBatcher(
             pool.caption_batch,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0,
@@ -155,26 +156,15 @@ class CaptionService:
         remaining = max(deadline - time.monotonic(), self.pool.cost.budget(0.0, ahead, options))
         if remaining <= 0:
             raise DeadlineExceededError("the deadline passed while decoding")
-        served: list[Served] = await self.batcher.submit(
+        served: list[CaptionResult] = await self.batcher.submit(
             [d.image for d in decoded], options, remaining, disconnected=disconnected
         )
         latency_ms = round((time.perf_counter() - start) * 1000, 2)
         results = []
         for i, (d, s) in enumerate(zip(decoded, served, strict=True)):
             self._observe(d, s)
-            results.append(
-                {
-                    "index": i,
-                    "caption": s.caption.caption,
-                    "model": {"name": s.info.name, "version": s.info.version, "backend": s.info.backend},
-                    "fallback": s.fallback,
-                    "confidence": s.caption.confidence,
-                    "tokens": s.caption.tokens,
-                    "water_type": s.caption.water_type,
-                    "latency_ms": latency_ms,
-                    "quality": {"uiqm": d.uiqm, "uciqe": d.uciqe} if quality else None,
-                }
-            )
+            measured = {"uiqm": d.uiqm, "uciqe": d.uciqe} if quality else None
+            results.append(s.replace(index=i, latency_ms=latency_ms, quality=measured).to_dict())
         self._record(request_id, decoded, served)
         return results
 
@@ -184,14 +174,14 @@ class CaptionService:
         self._quality_credit += self.settings.quality_sample_rate - measure
         return measure
 
-    def _record(self, request_id: str, decoded: list[DecodedUpload], served: list[Served]) -> None:
+    def _record(self, request_id: str, decoded: list[DecodedUpload], served: list[CaptionResult]) -> None:
         """Queue the served images for feedback (the store writes behind)."""
         rows = [
             {
                 "idx": i,
-                "model": s.info.name,
-                "version": s.info.version,
-                "caption": s.caption.caption,
+                "model": s.model.name,
+                "version": s.model.version,
+                "caption": s.caption,
                 "fallback_reason": s.fallback_reason,
                 "image": d.stored,
                 "ext": d.ext,
@@ -205,13 +195,13 @@ class CaptionService:
         except Exception as exc:
             log.error("could not record request %s for feedback: %s", request_id, exc)
 
-    def _observe(self, d: DecodedUpload, s: Served) -> None:
+    def _observe(self, d: DecodedUpload, s: CaptionResult) -> None:
         m = self.metrics
-        m.images.labels(model=s.info.name).inc()
-        m.caption_words.observe(len(s.caption.caption.split()))
-        m.confidence.observe(s.caption.confidence)
-        if s.caption.water_type:  # water-type experts only: their estimate for this image
-            m.water_types.labels(model=s.info.name, water_type=s.caption.water_type["label"]).inc()
+        m.images.labels(model=s.model.name).inc()
+        m.caption_words.observe(len(s.caption.split()))
+        m.confidence.observe(s.confidence)
+        if s.water_type:  # water-type experts only: their estimate for this image
+            m.water_types.labels(model=s.model.name, water_type=s.water_type["label"]).inc()
         if d.uiqm is not None:
             m.uiqm.observe(d.uiqm)
         if d.uciqe is not None:

@@ -42,7 +42,7 @@ def test_corrupt_primary_answers_through_the_default_fallback(folder, tiny_model
     assert len(records) == 4
     for r in records:
         # The server's default fallback, and the server's reason for a primary that did not load.
-        assert r["model"] == "reefscenes-tiny" and r["caption"]
+        assert r["model"]["name"] == "reefscenes-tiny" and r["caption"]
         assert r["fallback"] == {"used": True, "reason": "primary_unavailable"}
     assert "broken" in result.stderr and "fallback reefscenes-tiny answers every image" in result.stderr
     summary = json.loads(result.stderr.strip().splitlines()[-1])["summary"]
@@ -74,7 +74,7 @@ def test_collapsed_primary_gets_its_degenerate_captions_replaced(folder, tiny_mo
     expected = fallback.caption([r["image"] for r in records], DecodeOptions.greedy(max_length=20))
     for r, c in zip(records, expected, strict=True):
         assert r["fallback"] == {"used": True, "reason": "degenerate_repetition"}
-        assert r["model"] == "varied" and r["caption"] == c.caption and "coral coral" not in r["caption"]
+        assert r["model"]["name"] == "varied" and r["caption"] == c.caption and "coral coral" not in r["caption"]
     summary = json.loads(result.stderr.strip().splitlines()[-1])["summary"]
     assert summary["fallbacks"] == dict(Counter({"degenerate_repetition": 4}))
 

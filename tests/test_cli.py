@@ -28,9 +28,9 @@ def test_caption_prints_one_json_line_per_image(cli_model, euvp_images):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(euvp_images[0]), str(euvp_images[1])]
     for line in lines:
-        assert set(line) == {"image", "caption", "model", "confidence", "water_type", "fallback"}
-        assert line["fallback"] == {"used": False, "reason": None}
-        assert line["model"] == "m" and line["confidence"] <= 0 and isinstance(line["caption"], str)
+        assert set(line) == {"image", "caption", "model", "fallback", "confidence", "tokens", "water_type", "quality"}
+        assert line["fallback"] == {"used": False, "reason": None} and line["quality"] is None
+        assert line["model"]["name"] == "m" and line["confidence"] <= 0 and isinstance(line["caption"], str)
 
 
 def test_bad_file_gives_error_line_keeps_going_and_exits_1(cli_model, euvp_images, tmp_path):

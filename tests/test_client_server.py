@@ -40,10 +40,10 @@ def local_captions(varied_model, tiny_model, euvp_images):
 def test_sync_client_round_trip(server, euvp_images, local_captions):
     with ReefcapClient(server.url, api_key=KEY) as client:
         result = client.caption(euvp_images[0], {"quality": True})
-        assert result.caption == local_captions[result.model][str(euvp_images[0])]
-        assert result.model in ("varied", "tiny") and result.fallback == (result.model == "tiny")
+        assert result.caption == local_captions[result.model.name][str(euvp_images[0])]
+        assert result.model.name in ("varied", "tiny") and result.fallback["used"] == (result.model.name == "tiny")
         assert result.request_id and result.confidence <= 0 and result.latency_ms > 0
-        assert result.uiqm is not None and 0 < result.uciqe < 1
+        assert result.quality["uiqm"] is not None and 0 < result.quality["uciqe"] < 1
         with pytest.raises(ReefcapHTTPError) as info:
             client.caption(b"certainly not an image")
         assert 400 <= info.value.status < 500 and info.value.code
@@ -64,7 +64,7 @@ def test_async_client_many(server, euvp_images, local_captions):
     results = asyncio.run(main())
     assert isinstance(results[-1], ReefcapHTTPError)
     for path, result in zip(euvp_images[:6], results, strict=False):
-        assert result.caption == local_captions[result.model][str(path)]
+        assert result.caption == local_captions[result.model.name][str(path)]
 
 
 def test_batch_cli_through_the_server_matches_local(server, euvp_images, local_captions, tmp_path):
@@ -76,7 +76,7 @@ def test_batch_cli_through_the_server_matches_local(server, euvp_images, local_c
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["image"] for r in records] == names
     for r in records:
-        assert r["caption"] == local_captions[r["model"]][r["image"]]
+        assert r["caption"] == local_captions[r["model"]["name"]][r["image"]]
 
 
 def _env() -> dict[str, str]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from reefcap.models.engines.backends import load_engine
 from reefcap.models.engines.base import DecodeOptions
 from reefcap.models.engines.experts import EXPERTS_WEIGHTS, ExpertsConfig, is_experts, modules, save_experts
+from reefcap.models.engines.loader import load_engine
 from reefcap.models.errors import ModelLoadError
 
 DOMAINS = {"clear": ["I", "IA", "IB"], "ocean": ["II", "III"], "coastal": ["1C", "3C", "5C"], "in_air": []}
@@ -49,7 +49,7 @@ def photos(euvp_images) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def torch_engine(experts_model):
-    return load_engine(str(experts_model), "torch")
+    return load_engine(str(experts_model), backend="torch")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def onnx_cache(experts_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_engine(onnx_cache):
-    return load_engine(str(next((onnx_cache / "onnx").iterdir())), "onnx")
+    return load_engine(str(next((onnx_cache / "onnx").iterdir())), backend="onnx")
 
 
 def test_recipe_declares_the_grouping_and_images_map_to_domains():
@@ -97,7 +97,7 @@ def test_torch_captions_carry_water_type_and_ignore_batch_mates(torch_engine, ph
 
 
 def test_experts_change_the_caption_and_plain_models_have_no_water_type(torch_engine, photos):
-    plain = load_engine("reefscenes-tiny-damf", "torch").caption(photos, DecodeOptions.greedy())
+    plain = load_engine("reefscenes-tiny-damf", backend="torch").caption(photos, DecodeOptions.greedy())
     assert all(c.water_type is None for c in plain)
     mixed = torch_engine.caption(photos, DecodeOptions.greedy())
     assert [c.caption for c in mixed] != [c.caption for c in plain]
@@ -129,7 +129,7 @@ def test_experts_load_from_safetensors_and_a_broken_file_is_a_load_error(experts
     shutil.copytree(experts_model, broken)
     (broken / EXPERTS_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(ModelLoadError, match=EXPERTS_WEIGHTS):
-        load_engine(str(broken), "torch")
+        load_engine(str(broken), backend="torch")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_guidg_trains_from_the_recipe_and_the_result_serves_water_types(reefscen
     assert all(e["loss"] > 0 for e in log if e["type"] == "train")
     best = out / "best"
     assert is_experts(best) and (best / "model.safetensors").is_file()
-    engine = load_engine(str(best), "torch")
+    engine = load_engine(str(best), backend="torch")
     caption = engine.caption([next((reefscenes / "underwater" / "images").iterdir())], DecodeOptions.greedy())[0]
     assert caption.water_type["label"] in json.loads((best / "reefcap_experts.json").read_text())["domains"]
     # `reefcap eval` scores each water domain and how often the estimated water type was right.
@@ -317,8 +317,8 @@ def test_training_and_serving_give_an_expert_the_same_next_token_logits(experts_
     import torch
 
     from reefcap.models.data.images import load_image
-    from reefcap.models.engines.experts import load_experts
-    from reefcap.models.engines.experts_graphs import context_ids, experts_decoder, experts_encoder
+    from reefcap.models.engines.experts import context_ids, load_experts
+    from reefcap.models.engines.experts_graphs import experts_decoder, experts_encoder
     from reefcap.models.engines.torch_engine import load_blip
     from reefcap.models.registry import resolve_model
     from reefcap.training.experts import with_context

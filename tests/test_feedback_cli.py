@@ -46,7 +46,7 @@ def _export(server, out: Path, capsys) -> dict:
 def test_caption_server_lines_keep_request_id_and_index(served):
     assert len(served) == 8 and len({r["request_id"] for r in served}) == 8
     assert all(isinstance(r["request_id"], str) and len(r["request_id"]) >= 8 and r["index"] == 0 for r in served)
-    assert not any("quality" in r for r in served)  # measured only when asked
+    assert all(r["quality"] is None for r in served)  # measured only when asked
 
 
 def test_quality_through_the_server_is_the_servers_measurement(server, euvp_images, tmp_path):

@@ -50,8 +50,8 @@ def test_retries_503_honouring_retry_after_then_parses(euvp_images):
     )
     client = ReefcapClient("http://reefcap.test", api_key="k", transport=httpx.MockTransport(script))
     result = client.caption(euvp_images[0], {"num_beams": 1})
-    assert result.caption == "a turtle over the reef" and result.model == "reefscenes-tiny-damf"
-    assert result.uiqm == 1.2 and not result.fallback and result.request_id == "r1"
+    assert result.caption == "a turtle over the reef" and result.model.name == "reefscenes-tiny-damf"
+    assert result.quality["uiqm"] == 1.2 and not result.fallback["used"] and result.request_id == "r1"
     assert len(script.requests) == 2 and script.times[1] - script.times[0] >= 0.29
     sent = script.requests[1]
     assert sent.headers["authorization"] == "Bearer k"

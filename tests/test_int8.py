@@ -61,7 +61,7 @@ def test_int8_weights_fit_in_7_bits(int8_export):
 
 def test_int8_agreement(int8_export, fp32_captions, euvp_images):
     """The int8 export agrees with PyTorch fp32 on most greedy captions, on the CPU running the suite."""
-    int8 = OnnxCaptionEngine.load(str(int8_export), EngineConfig(device="cpu", dtype="int8"), threads=1)
+    int8 = OnnxCaptionEngine.load(str(int8_export), EngineConfig(device="cpu", dtype="int8", threads=1))
     got = [c.caption for c in int8.caption(euvp_images, DecodeOptions.greedy())]
     print(f"int8 vs torch fp32 identical greedy captions: {agreement(fp32_captions, got):.1%} of {len(got)}")
     assert agreement(fp32_captions, got) >= MIN_AGREEMENT
@@ -83,7 +83,7 @@ graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])]
 probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
 y = session.run(None, {"A": np.full((1, 64), 255, np.uint8), "B": np.full((64, 1), 127, np.int8)})[0]
-engine = OnnxCaptionEngine.load(sys.argv[1], EngineConfig(device="cpu", dtype="int8"), threads=1)
+engine = OnnxCaptionEngine.load(sys.argv[1], EngineConfig(device="cpu", dtype="int8", threads=1))
 captions = [c.caption for c in engine.caption(sys.argv[2:], DecodeOptions.greedy())]
 print(json.dumps({"saturates": int(y[0, 0]) != 64 * 255 * 127, "captions": captions}))
 """
@@ -111,11 +111,11 @@ def test_an_older_8_bit_export_loads_with_a_warning(int8_export, tmp_path, caplo
     del manifest["int8_scheme"]
     (old / "manifest.json").write_text(json.dumps(manifest))
     with caplog.at_level("WARNING", logger="reefcap.models"):
-        OnnxCaptionEngine.load(str(old), EngineConfig(device="cpu", dtype="int8"), threads=1)
+        OnnxCaptionEngine.load(str(old), EngineConfig(device="cpu", dtype="int8", threads=1))
     assert "export it again" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="reefcap.models"):
-        OnnxCaptionEngine.load(str(int8_export), EngineConfig(device="cpu", dtype="int8"), threads=1)
+        OnnxCaptionEngine.load(str(int8_export), EngineConfig(device="cpu", dtype="int8", threads=1))
     assert "export it again" not in caplog.text
 
 

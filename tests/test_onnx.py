@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reefcap.models.engines.backends import BACKENDS, load_engine
+from reefcap.models.engines.backends import BACKENDS
 from reefcap.models.engines.base import DecodeOptions, EngineConfig
+from reefcap.models.engines.loader import load_engine
 from reefcap.models.engines.onnx_engine import OnnxCaptionEngine
 from reefcap.models.engines.torch_engine import TorchCaptionEngine, weights_version
 from reefcap.models.errors import ModelLoadError
@@ -28,7 +29,7 @@ def exported(varied_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_engine(exported) -> OnnxCaptionEngine:
-    return OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu"), threads=1)
+    return OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu", threads=1))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_beam_settings_from_generation_config_match_torch(
     assert read_manifest(folder)["generation"] == {"early_stopping": early_stopping, "length_penalty": length_penalty}
     options = DecodeOptions(num_beams=4, min_length=2)
     ref = TorchCaptionEngine.load(str(model)).caption(euvp_images[:8], options)
-    got = OnnxCaptionEngine.load(str(folder), EngineConfig(device="cpu"), threads=1).caption(euvp_images[:8], options)
+    got = OnnxCaptionEngine.load(str(folder), EngineConfig(device="cpu", threads=1)).caption(euvp_images[:8], options)
     assert [(c.caption, c.tokens) for c in got] == [(c.caption, c.tokens) for c in ref]
 
 
@@ -179,11 +180,11 @@ def test_golden_output(golden_model, euvp_images, tmp_path):
 
 def test_export_on_first_use_is_cached(varied_model, tmp_path, monkeypatch, euvp_images):
     monkeypatch.setenv("REEFCAP_CACHE", str(tmp_path / "cache"))
-    engine = load_engine(str(varied_model), backend="onnx", config=EngineConfig(device="cpu"))
+    engine = load_engine(str(varied_model), EngineConfig(backend="onnx", device="cpu"))
     folder = engine.folder
     assert folder.parent == tmp_path / "cache" / "onnx" and (folder / MANIFEST).is_file()
     stamp = (folder / MANIFEST).stat().st_mtime_ns
-    again = load_engine(str(varied_model), backend="onnx", config=EngineConfig(device="cpu"))
+    again = load_engine(str(varied_model), EngineConfig(backend="onnx", device="cpu"))
     assert again.folder == folder and (folder / MANIFEST).stat().st_mtime_ns == stamp
     info = again.describe()
     assert info.backend == "onnx" and info.device == "cpu" and info.version == weights_version(varied_model)
@@ -202,7 +203,7 @@ def test_checkpoint_with_its_own_manifest_is_exported_not_mistaken_for_an_export
     # Seed the cache with the export the module already made of these very weights: no second export needed.
     monkeypatch.setenv("REEFCAP_CACHE", str(tmp_path / "cache"))
     shutil.copytree(exported, tmp_path / "cache" / "onnx" / f"{weights_version(checkpoint)}-fp32")
-    engine = load_engine(str(checkpoint), backend="onnx", config=EngineConfig(device="cpu"))
+    engine = load_engine(str(checkpoint), EngineConfig(backend="onnx", device="cpu"))
     assert engine.folder.parent == tmp_path / "cache" / "onnx"
     assert len(engine.caption(euvp_images[:1], DecodeOptions.greedy())) == 1
 
@@ -241,12 +242,12 @@ def test_io_binding_runner_and_fp16_graphs_on_cpu(varied_model, exported, onnx_e
     from reefcap.models.engines.onnx_engine import _BoundRunner
 
     ref = onnx_engine.caption(euvp_images[:8], DecodeOptions(num_beams=3))
-    bound = OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu"), threads=1)
+    bound = OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu", threads=1))
     bound.runner = _BoundRunner(exported, bound.manifest, 1, "cpu", 0)
     assert [c.caption for c in bound.caption(euvp_images[:8], DecodeOptions(num_beams=3))] == [c.caption for c in ref]
 
     folder = export_onnx(str(varied_model), tmp_path / "fp16", "fp16")
-    fp16 = OnnxCaptionEngine.load(str(folder), EngineConfig(device="cpu", dtype="fp16"), threads=1)
+    fp16 = OnnxCaptionEngine.load(str(folder), EngineConfig(device="cpu", dtype="fp16", threads=1))
     assert fp16.runner.kv_dtype == np.float16
     got = fp16.caption(euvp_images[:8], DecodeOptions(num_beams=3))
     assert sum(a.caption == b.caption for a, b in zip(ref, got, strict=True)) >= 6

@@ -47,9 +47,9 @@ def test_other_modes_and_settings_are_left_to_the_processor(processor):
 
 
 def test_engines_use_it_and_still_match_on_rgba(processor):
-    from reefcap.models.engines.backends import load_engine
+    from reefcap.models.engines.loader import load_engine
 
-    engine = load_engine(str(zoo_models()["reefscenes-tiny-damf"]), "onnx")
+    engine = load_engine(str(zoo_models()["reefscenes-tiny-damf"]), backend="onnx")
     assert engine.fast_pixels is not None
     images = [*_odd_images(), Image.new("RGBA", (30, 40), (10, 200, 30, 128))]
     want = processor(images=images, return_tensors="np")["pixel_values"]  # alpha composited on white

@@ -96,8 +96,8 @@ def test_failing_primary_goes_to_fallback_and_opens_the_circuit(engines, euvp_im
         if step == 3:
             clock.now += 31  # past reset_s: one batch tries the primary again, fails, reopens
         served = policy.caption(images, GREEDY)
-        assert [s.caption.caption for s in served] == expected
-        assert all(s.info.name == engines["tiny"].describe().name for s in served)
+        assert [s.caption for s in served] == expected
+        assert all(s.model.name == engines["tiny"].describe().name for s in served)
         reasons.append(served[0].fallback_reason)
         assert served[1].fallback == {"used": True, "reason": reasons[-1]}
     assert reasons == ["primary_error", "primary_error", "circuit_open", "primary_error", "circuit_open"]
@@ -112,7 +112,7 @@ def test_failing_primary_goes_to_fallback_and_opens_the_circuit(engines, euvp_im
     for s, c in zip(served, own, strict=True):  # the primary answers, save where its caption is degenerate
         reason = degenerate_reason(c.caption)
         assert s.fallback_reason == (f"degenerate_{reason}" if reason else None)
-        assert s.caption.caption == c.caption or reason
+        assert s.caption == c.caption or reason
     assert served[0].fallback_reason is None
 
 
@@ -122,11 +122,11 @@ def test_degenerate_captions_are_replaced_per_image(engines, euvp_images):
     assert "coral coral coral" in engines["collapsed"].caption(images[:1], GREEDY)[0].caption
     served = policy.caption(images, GREEDY)
     assert [s.fallback_reason for s in served] == ["degenerate_repetition"] * 3
-    assert [s.caption.caption for s in served] == [c.caption for c in engines["varied"].caption(images, GREEDY)]
+    assert [s.caption for s in served] == [c.caption for c in engines["varied"].caption(images, GREEDY)]
     assert policy.counts == Counter({"degenerate_repetition": 3})
     # Without a fallback the primary's caption stands, however degenerate.
     alone = CaptionPolicy(engines["collapsed"]).caption(images[:1], GREEDY)
-    assert alone[0].fallback_reason is None and "coral coral" in alone[0].caption.caption
+    assert alone[0].fallback_reason is None and "coral coral" in alone[0].caption
 
 
 def test_unavailable_primary_timeout_and_no_fallback(engines, euvp_images):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from reefcap.models.engines.loader import settle
 from reefcap.models.engines.precision import AGREEMENT_KEY, auto_dtype, cpu_flags
 from reefcap.models.export.onnx import INT8_SCHEME
 from reefcap.models.registry import zoo_models
@@ -35,33 +36,14 @@ def test_fp32_without_a_record_an_old_scheme_or_a_low_figure():
     assert low == "fp32" and "0.94" in why
 
 
-def test_server_settings_resolve_auto_per_model(tmp_path):
+def test_server_settings_resolve_auto_per_model_at_start_and_on_reload(tmp_path):
+    """The server's one config, settled per model by the loader: a reload (any model) gets what start-up gets."""
     settings = ServerSettings(_env_file=None, feedback_db=tmp_path / "fb.sqlite3", device="cpu")
-    assert settings.dtype == "auto"
+    config = engine_config(settings)
+    assert settings.dtype == config.dtype == "auto"
     expected = "int8" if cpu_flags() & {"avx2", "avx512_vnni"} else "fp32"
-    assert engine_config(settings, "reefscenes-tiny-damf").dtype == expected
-    assert engine_config(settings, "reefscenes-tiny").dtype == "fp32"
-    assert engine_config(settings).dtype == "fp32"  # no model named (a hot reload): fp32
-    torch_only = settings.model_copy(update={"backend": "torch"})
-    assert engine_config(torch_only, "reefscenes-tiny-damf").dtype == "fp32"
-    explicit = settings.model_copy(update={"dtype": "fp32"})
-    assert engine_config(explicit, "reefscenes-tiny-damf").dtype == "fp32"
-
-
-def test_int8_chosen_for_onnx_falls_back_to_fp32_pytorch(monkeypatch):
-    """backend auto: when the ONNX backend cannot load the model, PyTorch serves it, in fp32 (int8 is an export)."""
-    from reefcap.models.engines.base import EngineConfig
-    from reefcap.server import pool
-
-    calls = []
-
-    def load_engine(model, backend, config):
-        calls.append((backend, config.dtype))
-        if backend == "onnx":
-            raise RuntimeError("no export for this checkpoint")
-        return "an engine"
-
-    monkeypatch.setattr(pool, "load_engine", load_engine)
-    monkeypatch.setattr(pool, "fastest_backend", lambda: "onnx")
-    assert pool.load_model("m", "auto", EngineConfig(dtype="int8")) == "an engine"
-    assert calls == [("onnx", "int8"), ("torch", "fp32")]
+    assert settle("reefscenes-tiny-damf", config, "onnx").dtype == expected
+    assert settle("reefscenes-tiny", config, "onnx").dtype == "fp32"  # no stored agreement
+    assert settle("reefscenes-tiny-damf", config, "torch").dtype == "fp32"  # int8 is an ONNX export
+    explicit = engine_config(settings.model_copy(update={"dtype": "fp32"}))
+    assert settle("reefscenes-tiny-damf", explicit, "onnx").dtype == "fp32"

@@ -56,7 +56,7 @@ def test_serve_caption_feedback_export_adapt_reload(world, tmp_path, capsys):
         paths = [str(r.path) for r in records]
         assert main(["caption", *paths, "--server", server.url, "--api-key", KEY, "-o", str(results), "-q"]) == 0
         lines = [json.loads(line) for line in results.read_text().splitlines()]
-        assert {line["model"] for line in lines} == {"untrained"}
+        assert {line["model"]["name"] for line in lines} == {"untrained"}
 
         # 2. The user's references go back to the server, then out as a training set split by image.
         refs = {str(r.path): list(r.captions) for r in records}

@@ -420,18 +420,6 @@ def test_new_version_in_the_model_folder_is_hot_reloaded(tiny_model, euvp_images
     serve(s, pool, scenario)
 
 
-def test_fastest_backend_prefers_an_importable_onnx(monkeypatch):
-    from reefcap.models.engines import backends
-    from reefcap.server.pool import fastest_backend
-
-    monkeypatch.delitem(backends.BACKENDS, "onnx", raising=False)
-    assert fastest_backend() == "torch"
-    monkeypatch.setitem(backends.BACKENDS, "onnx", "reefcap.models.no_such_module:Engine")
-    assert fastest_backend() == "torch"  # registered but its module does not import
-    monkeypatch.setitem(backends.BACKENDS, "onnx", "reefcap.models.engines.torch_engine:TorchCaptionEngine")
-    assert fastest_backend() == "onnx"
-
-
 def test_manifest_of_an_export_folder_points_to_its_checkpoint(varied_model, tmp_path):
     from reefcap.server.pool import evaluation_manifest
 
@@ -439,7 +427,7 @@ def test_manifest_of_an_export_folder_points_to_its_checkpoint(varied_model, tmp
     export = copy_model(varied_model, tmp_path / "export")
     (export / "manifest.json").write_text(json.dumps({"precision": "fp32", "source": {"path": str(checkpoint)}}))
     engine = TorchCaptionEngine.load(str(export), CPU)
-    assert evaluation_manifest(engine)["metrics"] == {"underwater": {"CIDEr": 0.9}}
+    assert evaluation_manifest(engine.describe().source)["metrics"] == {"underwater": {"CIDEr": 0.9}}
 
 
 def test_deadline_504_cors_off_by_default_and_on_when_set(engines, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import time
 
 import httpx
@@ -17,7 +16,7 @@ from server_helpers import LiveServer, metric
 from reefcap.models.engines.base import DecodeOptions, EngineConfig
 from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.server.app import create_app
-from reefcap.server.pool import CostModel, ModelPool, tune_threads
+from reefcap.server.pool import CostModel, ModelPool
 from reefcap.server.settings import ServerSettings
 
 CPU = EngineConfig(device="cpu")
@@ -68,33 +67,12 @@ def test_a_slow_but_healthy_primary_is_not_timed_out_once_measured(tiny_model, v
     assert {x["fallback"]["reason"] for x in r.json()["results"]} == {None}, r.text
 
 
-def test_a_model_measured_heavy_gets_every_core_for_inference(tiny_model, monkeypatch):
-    cores = os.cpu_count() or 1
-    if cores < 2:
-        pytest.skip("one core: nothing to give")
-    pool, opts = ModelPool(TorchCaptionEngine.load(str(tiny_model), CPU), None), DecodeOptions.greedy()
-    before = torch.get_num_threads()
-    monkeypatch.setenv("REEFCAP_ORT_THREADS", "1")
-    try:
-        torch.set_num_threads(cores - 1)  # the automatic setting: a core kept for decoding and HTTP
-        assert not tune_threads(pool, 0, opts)  # unmeasured: as set
-        pool.cost.unit_s = 0.002 / 20  # 2 ms an image: decoding and HTTP matter, keep their core
-        assert not tune_threads(pool, 0, opts) and torch.get_num_threads() == cores - 1
-        pool.cost.unit_s = 1.5 / 20  # 1.5 s an image (blip-base-shape on one core): inference takes them all
-        assert not tune_threads(pool, 2, opts) and torch.get_num_threads() == cores - 1  # an explicit count stands
-        assert tune_threads(pool, 0, opts) and torch.get_num_threads() == cores
-        assert os.environ["REEFCAP_ORT_THREADS"] == str(cores)  # for the ONNX primary's reload
-    finally:
-        torch.set_num_threads(before)
-        pool.close()
-
-
 @pytest.mark.slow
 def test_blip_base_shape_answers_24_concurrent_requests_with_defaults(tmp_path, euvp_images):
-    from reefcap.models.export.cli import _bench_model
+    from reefcap.bench.cli import bench_model
     from reefcap.models.export.onnx import cached_export
 
-    model = _bench_model("blip-base-shape")  # as `make bench` makes it: random weights, 224 M parameters
+    model = bench_model("blip-base-shape")  # as `make bench` makes it: random weights, 224 M parameters
     cached_export(model, "fp32")  # exported here once (minutes), so the server's start only loads it
     env = {"REEFCAP_MODEL": model, "REEFCAP_FALLBACK": "", "REEFCAP_FEEDBACK_DB": str(tmp_path / "fb.sqlite3")}
     srv = LiveServer(env, tmp_path / "server.log")

@@ -57,7 +57,7 @@ def engine(request, tiny_model, tmp_path_factory):
     from reefcap.models.export.onnx import export_onnx
 
     exported = export_onnx(str(tiny_model), tmp_path_factory.mktemp("onnx") / "fp32")
-    return OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu"), threads=1)
+    return OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu", threads=1))
 
 
 def _trainer_pixels(model: Path, image: Path, tmp_path: Path) -> np.ndarray:

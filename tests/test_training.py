@@ -143,9 +143,9 @@ def test_training_loop_learns_and_logs(small_model, records, tmp_path):
     saved = json.loads((tmp_path / "run" / "best" / "reefcap_train.json").read_text())
     assert saved["recipe"]["name"] == "pretrain" and saved["train"]["batch_size"] == 4
 
-    from reefcap.models.engines.backends import load_engine
+    from reefcap.models.engines.loader import load_engine
 
-    engine = load_engine(str(tmp_path / "run" / "best"))
+    engine = load_engine(str(tmp_path / "run" / "best"), backend="torch")
     assert len(engine.caption([records[0].path])) == 1
 
 

@@ -40,7 +40,7 @@ def test_zoo_pack_writes_hashes_and_metrics(tiny_model, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_model_matches_its_manifest(name):
-    from reefcap.models.engines.backends import load_engine
+    from reefcap.models.engines.loader import load_engine
     from reefcap.models.registry import zoo_models
 
     path = zoo_models()[name]

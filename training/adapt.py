@@ -146,12 +146,12 @@ def choose(candidates: list[dict[str, Any]], base_air: float | None, budget: flo
 def _base_air_cider(config: AdaptConfig) -> float | None:
     if not config.air_val:
         return None
-    from reefcap.models.engines.backends import load_engine
+    from reefcap.models.engines.loader import load_engine
 
     from .data import load_records
     from .evaluation import evaluate
 
-    engine = load_engine(config.base)
+    engine = load_engine(config.base, backend="torch")
     try:
         return float(evaluate(engine, load_records(config.air_val), meteor=False)[0]["CIDEr"])
     finally:

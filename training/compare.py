@@ -33,13 +33,13 @@ def _evaluate(model: str | Path, splits: dict[str, Path], cache: Path, meteor: b
         cached = json.loads(cache.read_text())
         if DOMAIN_KEY in cached:  # made before per-domain scores: evaluate again
             return cached
-    from reefcap.models.engines.backends import load_engine
+    from reefcap.models.engines.loader import load_engine
 
     from .data import load_records
     from .evaluation import domain_metrics, evaluate
 
     domains = load_recipe(DOMAIN_RECIPE).experts.domains
-    engine = load_engine(str(model))
+    engine = load_engine(str(model), backend="torch")
     out: dict[str, dict] = {DOMAIN_KEY: {}}
     for name, path in splits.items():
         records = load_records(path)

@@ -44,8 +44,8 @@ def generate_captions(
         chunk = records[start : start + batch_size]
         images = [policy.decode(r.path) for r in chunk]
         for rec, served in zip(chunk, policy.caption(images, options), strict=True):
-            water = served.caption.water_type  # water-type experts only
-            results.append({"image_id": rec.image_id, "caption": served.caption.caption, **water_field(water)})
+            water = served.water_type  # water-type experts only
+            results.append({"image_id": rec.image_id, "caption": served.caption, **water_field(water)})
         bar.update(len(chunk))
     bar.close()
     return results

@@ -77,7 +77,7 @@ def finish_run(
 
     Returns the manifest. METEOR is left out (it needs Java); ``reefcap eval`` adds it.
     """
-    from reefcap.models.engines.backends import load_engine
+    from reefcap.models.engines.loader import load_engine
 
     from .data import load_records
     from .evaluation import evaluate
@@ -87,7 +87,7 @@ def finish_run(
     if not (best / "model.safetensors").is_file():
         raise ReefcapError(f"{best}: no selected checkpoint to describe (the run wrote none)")
     options = options or DecodeOptions()
-    engine = load_engine(str(best), "torch")
+    engine = load_engine(str(best), backend="torch")
     metrics: dict[str, dict[str, float]] = {}
     val_predictions: list[dict[str, Any]] = []
     val_records = load_records(inputs.val) if inputs.val else []

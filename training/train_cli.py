@@ -79,7 +79,6 @@ def _decode_options(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from reefcap.models.engines.backends import load_engine
     from reefcap.models.engines.base import EngineConfig, require_positive
     from reefcap.models.policy import fallback_name, open_policy
 
@@ -88,13 +87,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     # Every flag checked before the data is read or the model loaded: a typo fails at once.
     options = _decode_options(args)
-    config = EngineConfig(device=args.device, dtype=args.dtype)
+    config = EngineConfig(backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads)
     require_positive("--batch-size", args.batch_size)
     records = load_records(args.data)
     if args.limit:
         records = records[: args.limit]
     fallback = fallback_name(args.fallback)
-    policy = open_policy(args.model, fallback, lambda m: load_engine(m, args.backend, config))
+    policy = open_policy(args.model, fallback, config)  # the one loader, with the server's defaults
     metrics, predictions = evaluate(
         policy, records, options, args.batch_size, meteor=not args.no_meteor, progress=not args.no_progress
     )
@@ -216,9 +215,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "measures what the server answers instead (the same policy: failures and degenerate captions go to "
         "NAME; the output counts them)",
     )
-    ev.add_argument("--backend", default="torch")
+    ev.add_argument("--backend", default="auto", help="auto (as the server: onnx where it imports), torch or onnx")
     ev.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    ev.add_argument("--dtype", default="fp32")
+    ev.add_argument("--dtype", default="auto", help="auto (as the server: int8 where its agreement holds), fp32, ...")
+    ev.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the server's thread policy)")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--beams", type=int)
     ev.add_argument("--max-length", type=int)

@@ -75,17 +75,35 @@ class DecodeOptions:
         return self
 
 
+BACKEND_CHOICES = ("auto", "torch", "onnx")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Where and how an engine runs. Saved by nothing: it describes a deployment, not a checkpoint."""
+    """Where and how an engine runs. Saved by nothing: it describes a deployment, not a checkpoint.
 
+    ``auto`` values are settled by :func:`reefcap.models.engines.loader.load_engine` (the one loader every
+    entrypoint uses): ``backend`` auto is ONNX Runtime where it imports (PyTorch if it cannot load the model),
+    ``dtype`` auto is int8 where the checkpoint's stored int8 agreement holds on this CPU
+    (:mod:`.precision`), else fp32, and ``threads`` 0 is the thread policy (:func:`.loader.thread_count`).
+    """
+
+    backend: str = "auto"  # auto | torch | onnx
     device: str = "auto"  # "auto" picks cuda when available, else cpu
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 | int8
+    threads: int = 0  # intra-op threads of the model's runtime; 0 = the loader's thread policy
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
         # Checked here, the one place every entrypoint passes through, before any model is resolved.
         check_device(self.device)
+        if self.backend not in BACKEND_CHOICES:
+            raise InvalidOptionsError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise InvalidOptionsError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise InvalidOptionsError(f"threads must be 0 (automatic) or more, got {self.threads!r}")
 
 
 @dataclass(frozen=True)

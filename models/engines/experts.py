@@ -65,6 +65,11 @@ class ExpertsConfig:
         return cls(domains=domains, context=data["context"], heads=data["heads"])
 
 
+def context_ids(vocab: int, experts: int, context: int) -> np.ndarray:
+    """``(E, K)`` ids of each expert's context rows in the decoder's extended embedding table."""
+    return vocab + np.arange(experts * context, dtype=np.int64).reshape(experts, context)
+
+
 def context_positions(length: int, context: int) -> list[int]:
     """Position ids of ``[DEC]``, K context rows, then the text: the context shares position 0, so every text token
     keeps the position the frozen decoder learnt it at (shifting the caption by K cost the DAMF model 0.15 nats

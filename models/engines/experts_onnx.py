@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 
 from reefcap.models.engines.base import Caption, DecodeOptions
-from reefcap.models.engines.experts import ExpertsConfig, experts_captions
-from reefcap.models.engines.experts_graphs import WEIGHTS_OUTPUT, context_ids
+from reefcap.models.engines.experts import ExpertsConfig, context_ids, experts_captions
 from reefcap.models.engines.onnx_engine import OnnxCaptionEngine
+from reefcap.models.engines.onnx_format import WEIGHTS_OUTPUT
 
 
 class OnnxExpertsEngine(OnnxCaptionEngine):
     """Captions with per-domain soft-prompt experts fused per image; each caption carries ``water_type``."""
+
+    kind = "experts"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,7 +47,7 @@ class OnnxExpertsEngine(OnnxCaptionEngine):
             weights,
             options,
             tokenizer=self.tokenizer,
-            name=self.manifest["source"]["name"],
+            name=self.name,
             length_penalty=gen.get("length_penalty", 1.0),
             early_stopping=gen.get("early_stopping", False),
         )

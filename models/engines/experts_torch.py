@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from reefcap.models.engines.base import Caption, DecodeOptions, EngineConfig
-from reefcap.models.engines.experts import experts_captions, load_experts
-from reefcap.models.engines.experts_graphs import context_ids, experts_decoder, experts_encoder
+from reefcap.models.engines.experts import context_ids, experts_captions, load_experts
+from reefcap.models.engines.experts_graphs import experts_decoder, experts_encoder
 from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.registry import ResolvedModel
 
@@ -22,6 +22,8 @@ def _setting(config: Any, name: str, default: Any) -> Any:
 
 class TorchExpertsEngine(TorchCaptionEngine):
     """Captions with per-domain soft-prompt experts fused per image; each caption carries ``water_type``."""
+
+    kind = "experts"
 
     def __init__(self, model: Any, processor: Any, resolved: ResolvedModel, config: EngineConfig) -> None:
         super().__init__(model, processor, resolved, config)

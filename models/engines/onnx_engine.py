@@ -1,7 +1,8 @@
-"""ONNX Runtime backend of the CaptionEngine: the exported encoder + KV-cached decoder (see ``onnx_export``).
+"""ONNX Runtime backend of the CaptionEngine: the exported encoder + KV-cached decoder (see :mod:`.graphs`).
 
 ``dtype`` picks the export: ``fp32`` (CPU or CUDA), ``int8`` (dynamic quantisation, for CPUs) or ``fp16`` (for
-the CUDA execution provider). A checkpoint is exported on first use and cached (``onnx_export.cached_export``);
+the CUDA execution provider). A checkpoint is exported on first use and cached
+(:func:`reefcap.models.export.onnx.cached_export`);
 an export folder can also be passed directly as the model. Inference needs numpy, onnxruntime and the
 tokenizer/image processor from transformers, but no torch.
 
@@ -12,8 +13,8 @@ position's logits come back to the host for token selection.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,32 +24,14 @@ from PIL import Image
 
 from reefcap.models.engines.base import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo, strip_prompt
 from reefcap.models.engines.decoding import beam_search, greedy
+from reefcap.models.engines.devices import ort_device
+from reefcap.models.engines.onnx_format import DECODER, ENCODER, INT8_SCHEME, PRECISIONS, is_export, read_manifest
 from reefcap.models.engines.pixels import FastPixels
+from reefcap.models.engines.precision import serving_dtype
 from reefcap.models.errors import ModelLoadError
-from reefcap.models.export.onnx import DECODER, ENCODER, INT8_SCHEME, PRECISIONS, cached_export, read_manifest
+from reefcap.models.registry import resolve_model
 
 log = logging.getLogger("reefcap.models")
-THREADS_ENV = "REEFCAP_ORT_THREADS"
-
-
-def ort_device(device: str = "auto") -> tuple[str, int]:
-    """``auto`` is CUDA when onnxruntime-gpu can use a GPU, else CPU. Returns (kind, device id)."""
-    import onnxruntime as ort
-
-    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    if device == "auto":
-        return ("cuda", 0) if has_cuda else ("cpu", 0)
-    kind, _, index = device.partition(":")
-    if kind == "cpu":
-        return "cpu", 0
-    if kind == "cuda":
-        if not has_cuda:
-            raise ModelLoadError(
-                f"device {device!r} requested but onnxruntime has no CUDA execution provider "
-                "(install the `gpu` extra: pip uninstall onnxruntime && pip install 'reefcap[gpu]')"
-            )
-        return "cuda", int(index or 0)
-    raise ModelLoadError(f"device must be auto, cpu or cuda[:N], got {device!r}")
 
 
 class _Runner:
@@ -140,18 +123,39 @@ class _BoundRunner(_Runner):
         return np.asarray(logits.numpy(), dtype=np.float32), dict(zip(self.past_names, present, strict=True))
 
 
+def _export_folder(model: str, precision: str) -> Path:
+    """``model`` itself when it is an export folder, else its export at ``precision``, made on first use."""
+    if is_export(Path(model).expanduser()):
+        return Path(model).expanduser()
+    from reefcap.models.export.onnx import cached_export  # the exporter (and torch) only when an export is due
+
+    return cached_export(model, precision)
+
+
 class OnnxCaptionEngine(CaptionEngine):
     """Captions with ONNX Runtime: batched greedy and beam search over the exported KV-cached decoder."""
 
     backend = "onnx"
+    kind = "blip"  # the checkpoint kind this class runs (see engines.backends)
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], config: EngineConfig, device: str, threads: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        config: EngineConfig,
+        device: str,
+        threads: int,
+        name: str | None = None,
+    ) -> None:
+        """``name``: the model's own name (what it was loaded as); default the export's source checkpoint name."""
         from transformers import AutoTokenizer
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         self.folder, self.manifest, self.config = folder, manifest, config
+        # An export cache entry is shared by every folder with the same weights: the name is the loaded model's.
+        self.name = name or manifest["source"]["name"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.image_processor = BlipImageProcessorPil.from_pretrained(folder)
         self.fast_pixels = FastPixels.for_processor(self.image_processor)
@@ -166,16 +170,19 @@ class OnnxCaptionEngine(CaptionEngine):
         self.eos, self.pad, self.bos = dec["eos_token_id"], dec["pad_token_id"], dec["bos_token_id"]
 
     @classmethod
-    def load(cls, model: str, config: EngineConfig | None = None, threads: int | None = None) -> OnnxCaptionEngine:
+    def load(cls, model: str, config: EngineConfig | None = None) -> OnnxCaptionEngine:
         """Load an export folder, or export ``model`` (zoo name, checkpoint dir, hub id) on first use.
 
-        ``threads`` sets ORT's intra-op threads (default: ``$REEFCAP_ORT_THREADS``, else one per core).
+        ``dtype`` auto follows the stored int8 agreement (:func:`~.precision.serving_dtype`); ``threads`` are ORT's
+        intra-op threads (0: ORT's own choice, one per core). :func:`~.loader.load_engine` settles both.
         """
         config = config or EngineConfig()
+        if config.dtype == "auto":
+            config = dataclasses.replace(config, dtype=serving_dtype(model, cls.backend, config.device)[0])
         if config.dtype not in PRECISIONS:
             raise ModelLoadError(f"the onnx backend runs {', '.join(PRECISIONS)}; got dtype {config.dtype!r}")
         kind, index = ort_device(config.device)
-        folder = cached_export(model, config.dtype)
+        folder = _export_folder(model, config.dtype)
         manifest = read_manifest(folder)
         if manifest["precision"] != config.dtype and config.dtype != "fp32":
             raise ModelLoadError(f"{folder} holds a {manifest['precision']} export, but dtype {config.dtype} was asked")
@@ -185,16 +192,16 @@ class OnnxCaptionEngine(CaptionEngine):
                 "CPUs without AVX-512 VNNI; export it again (reefcap export --precision int8)",
                 folder,
             )
-        if threads is None:
-            threads = int(os.environ.get(THREADS_ENV, "0") or 0)
+        found = "experts" if manifest.get("experts") else "blip"
+        if found != cls.kind:
+            raise ModelLoadError(
+                f"{folder} is a {found} export; {cls.__name__} loads {cls.kind} exports "
+                "(reefcap.models.load_engine picks the engine for each kind)"
+            )
         device = f"{kind}:{index}" if kind == "cuda" else "cpu"
-        if cls is OnnxCaptionEngine and manifest.get("experts"):
-            from reefcap.models.engines.experts_onnx import (
-                OnnxExpertsEngine,
-            )  # water-type experts: same graphs, more decoder rows
-
-            cls = OnnxExpertsEngine
-        return cls(folder, manifest, config, device, threads)
+        config = dataclasses.replace(config, backend=cls.backend, dtype=manifest["precision"])
+        name = None if is_export(Path(model).expanduser()) else resolve_model(model).name
+        return cls(folder, manifest, config, device, config.threads, name)
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
         if self.fast_pixels is not None and self.fast_pixels.accepts(images):
@@ -252,7 +259,7 @@ class OnnxCaptionEngine(CaptionEngine):
                 **common,
             )
         texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-        name = self.manifest["source"]["name"]
+        name = self.name
         return [
             Caption(caption=strip_prompt(t, options.prompt), model=name, confidence=c, tokens=k)
             for t, c, k in zip(texts, out.confidences, out.lengths, strict=True)
@@ -260,7 +267,7 @@ class OnnxCaptionEngine(CaptionEngine):
 
     def describe(self) -> EngineInfo:
         return EngineInfo(
-            name=self.manifest["source"]["name"],
+            name=self.name,
             version=self.manifest["weights_version"],
             backend=self.backend,
             device=self.device,

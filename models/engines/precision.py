@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from reefcap.models.engines.onnx_format import INT8_SCHEME, MANIFEST, is_export
+
 MIN_INT8_AGREEMENT = 0.95
 AGREEMENT_KEY = "int8_agreement"
 
@@ -32,8 +34,6 @@ def cpu_flags() -> set[str]:
 
 def auto_dtype(manifest: dict[str, Any], flags: set[str] | None = None) -> tuple[str, str]:
     """``("int8" | "fp32", why)`` for a checkpoint served by the ONNX backend on the CPU."""
-    from reefcap.models.export.onnx import INT8_SCHEME
-
     record = manifest.get(AGREEMENT_KEY)
     if not isinstance(record, dict):
         return "fp32", "no stored int8 agreement in the checkpoint's manifest"
@@ -47,3 +47,27 @@ def auto_dtype(manifest: dict[str, Any], flags: set[str] | None = None) -> tuple
     if not kinds & flags:
         return "fp32", f"int8 agreement was measured on CPUs with {sorted(kinds)}; this CPU has none of them"
     return "int8", f"int8 gives the same greedy caption as fp32 for {identical:.1%} of images on this kind of CPU"
+
+
+def serving_dtype(model: str, backend: str, device: str = "auto") -> tuple[str, str]:
+    """dtype ``auto`` for ``model`` on a concrete ``backend`` and ``device``: ``(dtype, why)``. int8 needs the ONNX
+    backend on the CPU and the checkpoint's stored agreement (:func:`auto_dtype`); everything else is fp32."""
+    from reefcap.models.engines.manifests import checkpoint_manifest, read_json
+
+    if backend == "onnx" and is_export(Path(model).expanduser()):
+        precision = read_json(Path(model).expanduser() / MANIFEST).get("precision", "fp32")
+        return precision, "an export folder runs at the precision it was exported in"
+    if backend != "onnx":
+        return "fp32", f"the {backend} backend serves fp32 unless asked"
+    if device not in ("auto", "cpu") or _onnx_on_cuda(device):
+        return "fp32", "int8 exports are for CPUs"
+    return auto_dtype(checkpoint_manifest(model))
+
+
+def _onnx_on_cuda(device: str) -> bool:
+    """Whether ONNX Runtime would put an ``auto`` device on a GPU."""
+    if device != "auto":
+        return False
+    from reefcap.models.engines.devices import ort_device
+
+    return ort_device("auto")[0] == "cuda"

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from reefcap.models.engines.base import Caption, CaptionEngine, DecodeOptions, EngineConfig, EngineInfo, strip_prompt
+from reefcap.models.engines.manifests import checkpoint_kind, weights_version
 from reefcap.models.engines.pixels import FastPixels
 from reefcap.models.errors import ModelLoadError
 from reefcap.models.registry import ResolvedModel, resolve_model
@@ -26,21 +26,6 @@ def pick_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
     return dev
-
-
-def weights_version(path: Path) -> str:
-    """Short content hash of the weights, so two loads of the same files report the same version."""
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*.safetensors")):
-        digest.update(file.name.encode())
-        stat = file.stat()
-        # Size + the first and last MiB: cheap for a 1 GB file, and changes whenever the weights do.
-        digest.update(str(stat.st_size).encode())
-        with file.open("rb") as fh:
-            digest.update(fh.read(1 << 20))
-            fh.seek(max(0, stat.st_size - (1 << 20)))
-            digest.update(fh.read(1 << 20))
-    return digest.hexdigest()[:12]
 
 
 def load_blip(resolved: ResolvedModel, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -62,6 +47,7 @@ class TorchCaptionEngine(CaptionEngine):
     """Captions with the PyTorch BLIP model, batched, on CPU or CUDA, in fp32/bf16/fp16."""
 
     backend = "torch"
+    kind = "blip"  # the checkpoint kind this class runs (see engines.backends)
 
     def __init__(self, model: Any, processor: Any, resolved: ResolvedModel, config: EngineConfig) -> None:
         self.model = model
@@ -74,17 +60,23 @@ class TorchCaptionEngine(CaptionEngine):
 
     @classmethod
     def load(cls, model: str, config: EngineConfig | None = None) -> TorchCaptionEngine:
+        """Load a checkpoint of this class's kind; ``dtype`` auto is fp32, ``threads`` (when set) become
+        PyTorch's intra-op threads, which are per process. :func:`~.loader.load_engine` settles both."""
         config = config or EngineConfig()
-        if config.dtype not in DTYPES:
-            raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+        dtype = "fp32" if config.dtype == "auto" else config.dtype
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"the torch backend runs {', '.join(DTYPES)}; got dtype {config.dtype!r}")
         resolved = resolve_model(model)
-        blip, processor = load_blip(resolved, DTYPES[config.dtype])
-        if cls is TorchCaptionEngine and (resolved.path / "reefcap_experts.json").is_file():
-            from reefcap.models.engines.experts_torch import (
-                TorchExpertsEngine,
-            )  # water-type experts: same checkpoint, more rows
-
-            cls = TorchExpertsEngine
+        found = checkpoint_kind(resolved.path)
+        if found != cls.kind:
+            raise ModelLoadError(
+                f"{resolved.name} is a {found} checkpoint; {cls.__name__} loads {cls.kind} checkpoints "
+                "(reefcap.models.load_engine picks the engine for each kind)"
+            )
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        blip, processor = load_blip(resolved, DTYPES[dtype])
+        config = dataclasses.replace(config, backend=cls.backend, dtype=dtype)
         return cls(blip.to(pick_device(config.device)), processor, resolved, config)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:

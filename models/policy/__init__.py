@@ -1,7 +1,8 @@
 """Policy: what answers a batch, and whether a model may serve.
 
 - :mod:`.captioning`: the captioning policy (primary, fallback, circuit breaker, degenerate-caption
-  replacement), the one object every entrypoint captions through;
+  replacement), the one object every entrypoint captions through, with its lanes and breaker (:mod:`.lanes`);
+- :mod:`.results`: :class:`CaptionResult`, the one record of a captioned image every entrypoint answers with;
 - :mod:`.loading`: the default models and opening a policy for an entrypoint;
 - :mod:`.gate`: the quality gate a candidate passes before it replaces the serving model;
 - :mod:`.rolling`: rolling BLEU-4/CIDEr over served images' references;
@@ -14,7 +15,6 @@ from reefcap.models.policy.captioning import (
     CaptionPolicy,
     CircuitBreaker,
     PolicyObserver,
-    Served,
     as_policy,
 )
 from reefcap.models.policy.loading import (
@@ -25,6 +25,7 @@ from reefcap.models.policy.loading import (
     load_models,
     open_policy,
 )
+from reefcap.models.policy.results import CaptionResult, ModelRef
 
 __all__ = [
     "DEFAULT_BREAKER_FAILURES",
@@ -32,10 +33,11 @@ __all__ = [
     "DEFAULT_FALLBACK",
     "DEFAULT_PRIMARY",
     "CaptionPolicy",
+    "CaptionResult",
     "CircuitBreaker",
     "LoadedModels",
+    "ModelRef",
     "PolicyObserver",
-    "Served",
     "as_policy",
     "fallback_name",
     "load_models",

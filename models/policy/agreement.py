@@ -75,12 +75,12 @@ def measure(
     use, as the server makes it) and keep both captions of each image."""
     from reefcap.models.data.images import load_image
     from reefcap.models.engines.base import DecodeOptions, EngineConfig
-    from reefcap.models.engines.onnx_engine import OnnxCaptionEngine
-    from reefcap.models.engines.torch_engine import TorchCaptionEngine
+    from reefcap.models.engines.loader import load_engine
 
+    # The one loader, with the thread policy serve applies; backend and dtype fixed: they are what is compared.
     engines = (
-        TorchCaptionEngine.load(model, EngineConfig(device="cpu", dtype="fp32")),
-        OnnxCaptionEngine.load(model, EngineConfig(device="cpu", dtype="int8")),
+        load_engine(model, EngineConfig(backend="torch", device="cpu", dtype="fp32")),
+        load_engine(model, EngineConfig(backend="onnx", device="cpu", dtype="int8")),
     )
     result, options = Agreement(), DecodeOptions.greedy()
     for start in range(0, len(images), batch_size):
@@ -97,7 +97,7 @@ def measure(
 def record(result: Agreement, kind: str, weights: str, data: str) -> dict[str, Any]:
     """The manifest entry :func:`reefcap.models.engines.precision.auto_dtype` reads."""
     from reefcap import __version__
-    from reefcap.models.export.onnx import INT8_SCHEME
+    from reefcap.models.engines.onnx_format import INT8_SCHEME
 
     today = datetime.date.today().isoformat()
     run = {"cpu_flag": kind, "identical": round(result.fraction, 4), "images": len(result.fp32), "date": today}

@@ -1,8 +1,10 @@
 """The captioning policy: a primary model, a fallback, and the rules between them.
 
-One object, shared by every entrypoint that captions: the server (``reefcap serve``, through an async
-adapter in ``server/pool.py``), ``reefcap caption`` (local and ``--ray``) and ``reefcap eval``. So an
-offline survey gets the same answers, and the same ``fallback`` reasons, as the service.
+One object, shared by every entrypoint that captions: the server (``reefcap serve`` awaits
+:meth:`CaptionPolicy.caption_async`: each batch hops from the event loop to the primary's thread and back, one
+handoff), ``reefcap caption`` (local and ``--ray``) and ``reefcap eval`` (the blocking :meth:`CaptionPolicy.caption`,
+inline on the caller's thread). So an offline survey gets the same answers, and the same ``fallback`` reasons, as
+the service. Answers are :class:`~reefcap.models.policy.results.CaptionResult` records.
 
 The rules, for one batch of images:
 
@@ -32,135 +34,41 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from reefcap.models.data.images import ImageSource
-from reefcap.models.engines.base import Caption, CaptionEngine, DecodeOptions, EngineInfo
-from reefcap.models.errors import InvalidOptionsError, ModelLoadError, ReefcapError
+from reefcap.models.engines.base import Caption, CaptionEngine, DecodeOptions
+from reefcap.models.errors import InvalidOptionsError, ModelLoadError
 from reefcap.models.metrics import degenerate_reason
+from reefcap.models.policy.lanes import (
+    DEFAULT_BREAKER_FAILURES,
+    DEFAULT_BREAKER_RESET_S,
+    CircuitBreaker,
+    Lane,
+    PolicyObserver,
+)
+from reefcap.models.policy.results import CaptionResult
+
+__all__ = [
+    "DEFAULT_BREAKER_FAILURES",
+    "DEFAULT_BREAKER_RESET_S",
+    "CaptionPolicy",
+    "CircuitBreaker",
+    "PolicyObserver",
+    "as_policy",
+]
 
 log = logging.getLogger("reefcap.policy")
 
-# The server's defaults too (server/settings.py reads these), so offline and served answers agree.
-DEFAULT_BREAKER_FAILURES = 5
-DEFAULT_BREAKER_RESET_S = 30.0
-
-
-@dataclass(frozen=True)
-class Served:
-    """One image's answer: the caption, which engine gave it and, if the fallback did, why."""
-
-    caption: Caption
-    info: EngineInfo
-    fallback_reason: str | None = None
-
-    @property
-    def fallback(self) -> dict[str, Any]:
-        """``{"used", "reason"}``: the ``fallback`` field of a server result and of an offline result line."""
-        return {"used": self.fallback_reason is not None, "reason": self.fallback_reason}
-
-
-class PolicyObserver:
-    """Told what the policy does; every hook does nothing here. The server's subclass feeds Prometheus."""
-
-    def fallback(self, reason: str, images: int) -> None:
-        """``images`` were answered by the fallback because of ``reason``."""
-
-    def inference(self, role: str, info: EngineInfo, seconds: float) -> None:
-        """The engine in ``role`` ("primary" or "fallback") captioned one batch in ``seconds``."""
-
-    def breaker(self, is_open: bool) -> None:
-        """The circuit breaker's state after a primary batch succeeded or failed."""
-
-
-class CircuitBreaker:
-    """Opens after ``failures`` consecutive failures, for ``reset_s``; then one trial (half-open)."""
-
-    def __init__(
-        self,
-        failures: int = DEFAULT_BREAKER_FAILURES,
-        reset_s: float = DEFAULT_BREAKER_RESET_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if failures < 1 or not reset_s > 0:
-            raise ReefcapError(f"circuit breaker needs failures >= 1 and reset_s > 0, got {failures}, {reset_s}")
-        self.failures, self.reset_s, self._clock = failures, reset_s, clock
-        self._count = 0
-        self._open_until = 0.0  # > 0 once opened, until a success closes it: marks the half-open trial
-        self._lock = threading.Lock()
-
-    @property
-    def is_open(self) -> bool:
-        return self._clock() < self._open_until
-
-    def record_failure(self) -> None:
-        with self._lock:
-            self._count += 1
-            # Half-open: the first batch after the pause failed too, so it opens again at once.
-            if self._count >= self.failures or self._open_until > 0:
-                self._open_until = self._clock() + self.reset_s
-                self._count = 0
-                log.warning("primary failed %d times in a row: circuit open", self.failures)
-
-    def record_success(self) -> None:
-        with self._lock:
-            self._count, self._open_until = 0, 0.0
-
-
-class _Lane:
-    """An engine, and (when the primary has a timeout) the threads it runs on, so an overrunning batch can
-    finish in the background while the fallback answers. ``workers`` batches may run at once (the server
-    runs two on a small model, each on its own core; engines serve concurrent ``caption`` calls)."""
-
-    def __init__(self, engine: CaptionEngine, role: str, threaded: bool, workers: int = 1) -> None:
-        self.engine, self.role, self.info = engine, role, engine.describe()
-        self.workers = max(1, workers)
-        self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"reefcap-{role}") if threaded else None
-        self.busy = 0  # batches reserved and not finished (an overrun keeps this above zero)
-        self._lock = threading.Lock()
-
-    def reserve(self) -> bool:
-        """Claim a thread for one batch; False when every thread still runs one (so it would queue behind
-        an overrun). Checked and claimed under one lock: two batches cannot both take the last thread."""
-        if self.executor is None:
-            return True
-        with self._lock:
-            if self.busy >= self.workers:
-                return False
-            self.busy += 1
-            return True
-
-    def run(self, images: list[Any], options: DecodeOptions, timeout_s: float | None) -> list[Caption]:
-        """Caption on one of this lane's threads (claimed by :meth:`reserve`, waiting at most ``timeout_s``),
-        or inline when it has none."""
-        if self.executor is None:
-            return self.engine.caption(images, options)
-
-        def work() -> list[Caption]:
-            try:
-                return self.engine.caption(images, options)
-            finally:
-                with self._lock:
-                    self.busy -= 1
-
-        # On a timeout the batch keeps running on the lane's thread; we only stop waiting for it.
-        return self.executor.submit(work).result(timeout_s)
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=False)  # the threads end after any batch they are running
-
 
 class CaptionPolicy:
-    """Primary + fallback engines behind one synchronous ``caption`` call (see the module docstring).
+    """Primary + fallback engines behind one ``caption`` call (see the module docstring).
 
     ``primary_timeout_s`` None runs the primary inline on the caller's thread, with no timeout (offline use);
     a number runs it on a thread of its own (``workers`` threads: that many batches may run at once, each
-    routed, timed and counted by the breaker on its own). ``observer`` is told of fallbacks, batch times
-    and the breaker.
+    routed, timed and counted by the breaker on its own). :meth:`caption_async` always runs batches on the
+    lanes' threads. ``observer`` is told of fallbacks, batch times and the breaker.
     """
 
     def __init__(
@@ -173,9 +81,9 @@ class CaptionPolicy:
         observer: PolicyObserver | None = None,
         workers: int = 1,
     ) -> None:
-        self.primary_timeout_s, self.workers = primary_timeout_s, workers
-        self._primary = _Lane(primary, "primary", primary_timeout_s is not None, workers) if primary else None
-        self._fallback = _Lane(fallback, "fallback", False) if fallback else None
+        self.primary_timeout_s, self.workers = primary_timeout_s, max(1, workers)
+        self._primary = Lane(primary, "primary", self.workers) if primary else None
+        self._fallback = Lane(fallback, "fallback", self.workers) if fallback else None
         self.breaker = breaker or CircuitBreaker()
         self.observer = observer or PolicyObserver()
         self.counts: Counter[str] = Counter()  # images answered by the fallback, by reason
@@ -195,7 +103,7 @@ class CaptionPolicy:
 
     def swap_primary(self, engine: CaptionEngine) -> None:
         """Make ``engine`` the primary and close the breaker. A batch already running finishes on the old one."""
-        new = _Lane(engine, "primary", self.primary_timeout_s is not None, self.workers)
+        new = Lane(engine, "primary", self.workers)
         with self._lock:
             old, self._primary = self._primary, new
             self.breaker.record_success()
@@ -203,14 +111,14 @@ class CaptionPolicy:
             old.close()
 
     def set_workers(self, workers: int) -> None:
-        """Let ``workers`` primary batches run at once (the server sets it at start, from the warm-up)."""
+        """Let ``workers`` batches run at once on each model (the server sets it at start, from the warm-up)."""
         self.workers = max(1, workers)
         with self._lock:
-            old = self._primary
-            if old is not None:
-                self._primary = _Lane(old.engine, "primary", self.primary_timeout_s is not None, self.workers)
-        if old is not None:
-            old.close()
+            old = (self._primary, self._fallback)
+            self._primary, self._fallback = (Lane(x.engine, x.role, self.workers) if x else None for x in old)
+        for lane in old:
+            if lane is not None:
+                lane.close()
 
     def decode(self, source: ImageSource, name: str | None = None) -> Any:
         """Decode an image within the limits of the engine that would answer first."""
@@ -228,75 +136,138 @@ class CaptionPolicy:
             lane.engine.check_options(options)
         return options.validate()
 
+    # ---- the two drivers: the same rules, blocking or awaited -----------------------------------------------
+
     def caption(
         self, images: Sequence[Any], options: DecodeOptions | None = None, timeout_s: float | None = None
-    ) -> list[Served]:
-        """One :class:`Served` per image, in order, from the primary where it can answer.
+    ) -> list[CaptionResult]:
+        """One :class:`CaptionResult` per image, in order, from the primary where it can answer (blocking).
 
         ``timeout_s`` replaces ``primary_timeout_s`` for this batch (the server scales it with the batch's
         cost). Options no loaded model can decode with raise :class:`InvalidOptionsError` before any model
         runs, and count towards neither the breaker nor the fallbacks."""
-        images, options = list(images), self.check_options(options or DecodeOptions())
-        with self._lock:
-            primary, fallback = self._primary, self._fallback  # one consistent pair even if a reload swaps
-        reason, error = self._route(primary)
+        images, options, primary, fallback = self._begin(images, options)
+        timeout = self._timeout(timeout_s)
+        reason, error = self._route(primary, threaded=timeout is not None)
         if reason is None:
-            timeout = self.primary_timeout_s if timeout_s is None or self.primary_timeout_s is None else timeout_s
             try:
-                captions = self._timed(primary, images, options, timeout)
+                captions = self._timed(primary, images, options, timeout, reserved=timeout is not None)
             except InvalidOptionsError:
                 raise  # the request's own options: not a model fault
-            except TimeoutError as exc:
-                reason, error = "primary_timeout", exc
             except Exception as exc:  # any engine failure sends the batch to the fallback
-                log.warning("primary failed on a batch of %d: %s", len(images), exc)
-                reason, error = "primary_error", exc
-            if reason is not None:
-                self.breaker.record_failure()
+                reason, error = self._failed(exc, len(images))
             else:
-                self.breaker.record_success()
-            self.observer.breaker(self.breaker.is_open)
-            if reason is None:
-                return self._replace_degenerate(primary, fallback, images, options, captions)
-        if fallback is None:
-            detail = f"{reason}: {error}" if error else reason
-            raise ModelLoadError(f"primary cannot answer ({detail}) and no fallback model is loaded") from error
-        captions = self._timed(fallback, images, options, None)
-        self._count(reason, len(images))
-        return [Served(c, fallback.info, reason) for c in captions]
+                self._succeeded()
+                bad = self._degenerate(captions, fallback)
+                redo = self._replacements(fallback, images, options, bad) if bad else []
+                return self._served(primary, fallback, captions, bad, redo)
+        captions = self._timed(self._need(fallback, reason, error), images, options, None)
+        return self._answered_by_fallback(fallback, captions, reason)
 
-    def _route(self, primary: _Lane | None) -> tuple[str | None, Exception | None]:
+    async def caption_async(
+        self, images: Sequence[Any], options: DecodeOptions | None = None, timeout_s: float | None = None
+    ) -> list[CaptionResult]:
+        """:meth:`caption` for an event loop: every batch runs on its lane's threads and is awaited there."""
+        images, options, primary, fallback = self._begin(images, options)
+        timeout = self._timeout(timeout_s)
+        reason, error = self._route(primary, threaded=True)
+        if reason is None:
+            try:
+                captions = await self._timed_async(primary, images, options, timeout, reserved=True)
+            except InvalidOptionsError:
+                raise
+            except Exception as exc:
+                reason, error = self._failed(exc, len(images))
+            else:
+                self._succeeded()
+                bad = self._degenerate(captions, fallback)
+                redo = await self._replacements_async(fallback, images, options, bad) if bad else []
+                return self._served(primary, fallback, captions, bad, redo)
+        captions = await self._timed_async(self._need(fallback, reason, error), images, options, None)
+        return self._answered_by_fallback(fallback, captions, reason)
+
+    # ---- the rules ------------------------------------------------------------------------------------------
+
+    def _begin(self, images: Sequence[Any], options: DecodeOptions | None) -> tuple:
+        images, options = list(images), self.check_options(options or DecodeOptions())
+        with self._lock:
+            return images, options, self._primary, self._fallback  # one consistent pair even if a reload swaps
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return self.primary_timeout_s if timeout_s is None or self.primary_timeout_s is None else timeout_s
+
+    def _route(self, primary: Lane | None, threaded: bool) -> tuple[str | None, Exception | None]:
         """Why the primary is not even tried (None: try it)."""
         if primary is None:
             return "primary_unavailable", None
         if self.breaker.is_open:
             return "circuit_open", None
-        if not primary.reserve():
+        if threaded and not primary.reserve():
             return "primary_busy", None  # every thread still runs a batch (an overrun): do not queue behind it
         return None, None
 
-    def _timed(self, lane: _Lane, images: list[Any], options: DecodeOptions, timeout_s: float | None) -> list:
+    def _failed(self, exc: Exception, images: int) -> tuple[str, Exception]:
+        reason = "primary_timeout" if isinstance(exc, TimeoutError) else "primary_error"
+        if reason == "primary_error":
+            log.warning("primary failed on a batch of %d: %s", images, exc)
+        self.breaker.record_failure()
+        self.observer.breaker(self.breaker.is_open)
+        return reason, exc
+
+    def _succeeded(self) -> None:
+        self.breaker.record_success()
+        self.observer.breaker(self.breaker.is_open)
+
+    @staticmethod
+    def _need(fallback: Lane | None, reason: str, error: Exception | None) -> Lane:
+        if fallback is None:
+            detail = f"{reason}: {error}" if error else reason
+            raise ModelLoadError(f"primary cannot answer ({detail}) and no fallback model is loaded") from error
+        return fallback
+
+    @staticmethod
+    def _degenerate(captions: list[Caption], fallback: Lane | None) -> list[tuple[int, str]]:
+        """Images whose primary caption collapsed, with why (none to replace without a fallback)."""
+        if fallback is None:
+            return []
+        return [(i, f"degenerate_{r}") for i, c in enumerate(captions) if (r := degenerate_reason(c.caption))]
+
+    def _replacements(self, fallback: Lane, images: list, options: DecodeOptions, bad: list) -> list[Caption]:
+        try:
+            return self._timed(fallback, [images[i] for i, _ in bad], options, None)
+        except Exception as exc:  # keep the primary's caption rather than fail the batch
+            log.warning("fallback failed replacing degenerate captions: %s", exc)
+            return []
+
+    async def _replacements_async(self, fallback: Lane, images: list, options: DecodeOptions, bad: list) -> list:
+        try:
+            return await self._timed_async(fallback, [images[i] for i, _ in bad], options, None)
+        except Exception as exc:
+            log.warning("fallback failed replacing degenerate captions: %s", exc)
+            return []
+
+    def _served(self, primary: Lane, fallback: Lane | None, captions: list, bad: list, redo: list) -> list:
+        served = [CaptionResult.of(c, primary.info) for c in captions]
+        for (i, reason), c in zip(bad, redo, strict=False):  # redo is empty when the fallback failed
+            served[i] = CaptionResult.of(c, fallback.info, reason)
+            self._count(reason, 1)
+        return served
+
+    def _answered_by_fallback(self, fallback: Lane, captions: list[Caption], reason: str) -> list[CaptionResult]:
+        self._count(reason, len(captions))
+        return [CaptionResult.of(c, fallback.info, reason) for c in captions]
+
+    def _timed(self, lane: Lane, images: list, options: DecodeOptions, timeout_s, reserved: bool = False) -> list:
         start = time.perf_counter()
-        captions = lane.run(images, options, timeout_s)
+        captions = lane.run(images, options, timeout_s, reserved)
         self.observer.inference(lane.role, lane.info, time.perf_counter() - start)
         return captions
 
-    def _replace_degenerate(
-        self, primary: _Lane, fallback: _Lane | None, images: list[Any], options: DecodeOptions, captions: list
-    ) -> list[Served]:
-        served = [Served(c, primary.info) for c in captions]
-        bad = [(i, r) for i, c in enumerate(captions) if (r := degenerate_reason(c.caption))]
-        if not bad or fallback is None:
-            return served
-        try:
-            redo = self._timed(fallback, [images[i] for i, _ in bad], options, None)
-        except Exception as exc:  # keep the primary's caption rather than fail the batch
-            log.warning("fallback failed replacing degenerate captions: %s", exc)
-            return served
-        for (i, r), c in zip(bad, redo, strict=True):
-            served[i] = Served(c, fallback.info, f"degenerate_{r}")
-            self._count(f"degenerate_{r}", 1)
-        return served
+    async def _timed_async(self, lane: Lane, images: list, options: DecodeOptions, timeout_s, reserved=False):
+        start = time.perf_counter()
+        captions = await lane.run_async(images, options, timeout_s, reserved)
+        self.observer.inference(lane.role, lane.info, time.perf_counter() - start)
+        return captions
 
     def _count(self, reason: str | None, images: int) -> None:
         if reason:

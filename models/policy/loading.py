@@ -7,11 +7,11 @@ that an offline survey and the service answer alike.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from reefcap.models.engines.base import CaptionEngine
+from reefcap.models.engines.base import CaptionEngine, EngineConfig
+from reefcap.models.engines.loader import load_engine
 from reefcap.models.errors import ModelLoadError, ModelNotFoundError
 from reefcap.models.policy.captioning import CaptionPolicy
 from reefcap.models.registry import check_model_name
@@ -46,9 +46,11 @@ def _why(exc: Exception | None) -> str | None:
     return f"{type(exc).__name__}: {exc}" if exc is not None else None
 
 
-def load_models(model: str, fallback: str | None, load: Callable[[str], CaptionEngine]) -> LoadedModels:
-    """Load the primary and (unless ``fallback`` is None) the fallback with ``load``; a failure is recorded,
-    not raised, so the caller decides whether one model is enough (the server: yes, with the fallback)."""
+def load_models(model: str, fallback: str | None, config: EngineConfig | None = None, load=None) -> LoadedModels:
+    """Load the primary and (unless ``fallback`` is None) the fallback with the one loader (``load``: another
+    loader, for tests); a failure is recorded, not raised, so the caller decides whether one model is enough
+    (the server: yes, with the fallback)."""
+    load = load or (lambda name: load_engine(name, config))
     loaded = LoadedModels()
     try:
         loaded.primary = load(model)
@@ -68,9 +70,11 @@ def fallback_name(value: str | None) -> str | None:
 
 
 def open_policy(
-    model: str, fallback: str | None, load: Callable[[str], CaptionEngine], **policy_options: Any
+    model: str, fallback: str | None, config: EngineConfig | None = None, load=None, **policy_options: Any
 ) -> CaptionPolicy:
-    """The policy an offline entrypoint (``reefcap caption``, ``reefcap eval``) captions with.
+    """The policy an offline entrypoint (``reefcap caption``, ``reefcap eval``, the Ray runner) captions with:
+    both models loaded by :func:`~reefcap.models.engines.loader.load_engine` with ``config``, as the server
+    loads them.
 
     Like the server, a primary that exists but cannot load (corrupt weights, say) leaves the fallback
     answering every image (a warning says so). Unlike the server, which keeps serving, a run stops at once
@@ -86,7 +90,7 @@ def open_policy(
             raise ModelLoadError(
                 f"fallback model {fallback!r} could not be loaded ({exc}); pass --fallback none to run without one"
             ) from None
-    loaded = load_models(model, fallback, load)
+    loaded = load_models(model, fallback, config, load)
     if isinstance(loaded.primary_exc, ModelNotFoundError):
         # A name or path that names nothing is a typo to fix, not a model that failed: never a silent fallback.
         if loaded.fallback is not None:
