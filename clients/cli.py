@@ -128,11 +128,6 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from reefcap.models.engines.base import BACKEND_CHOICES, DTYPE_CHOICES
-    from reefcap.models.policy import DEFAULT_FALLBACK, DEFAULT_PRIMARY
-
-    from .progress import DEFAULT_EVERY_S
-
     p = sub.add_parser(
         "caption",
         help="caption images, printing one JSON line per image",
@@ -150,6 +145,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument(
         "--ray", nargs="?", const="local", metavar="ADDRESS", help="run on Ray (a local instance if no address)"
     )
+    _model_arguments(p)
+    _remote_arguments(p)
+    _output_arguments(p)
+    p.set_defaults(handler=_caption)
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which models caption and how they run and decode: the server's defaults, through the same loader."""
+    from reefcap.models.engines.base import BACKEND_CHOICES, DTYPE_CHOICES
+    from reefcap.models.policy import DEFAULT_FALLBACK, DEFAULT_PRIMARY
+
     p.add_argument(
         "--model", default=DEFAULT_PRIMARY, help=f"bundled name, local directory or hub id (default: {DEFAULT_PRIMARY})"
     )
@@ -187,10 +193,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the model's intra-op threads (default 0, as the server: one per core minus one; every core for a "
         "model of 50 M parameters or more)",
     )
+
+
+def _remote_arguments(p: argparse.ArgumentParser) -> None:
+    """Knobs of ``--server`` and ``--ray``."""
     p.add_argument("--api-key", default=None, help="bearer key for --server (default: $REEFCAP_API_KEY)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds with --server")
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    from .progress import DEFAULT_EVERY_S
+
     p.add_argument(
         "--quality",
         action="store_true",
@@ -204,4 +219,3 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help=f"off a terminal, a one-line JSON progress record at most this often (default {DEFAULT_EVERY_S:g})",
     )
-    p.set_defaults(handler=_caption)

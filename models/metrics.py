@@ -56,7 +56,8 @@ def tokenize(text: str) -> str:
 # --- BLEU, CIDEr, ROUGE-L on tokenised captions (``{id: [caption]}`` and ``{id: [references...]}``) ------------
 
 
-def _ngrams(words: Sequence[str], n: int = 4) -> Counter:
+def ngrams(words: Sequence[str], n: int = 4) -> Counter:
+    """Counts of every 1- to ``n``-gram of ``words`` (BLEU's and CIDEr's shared statistics)."""
     return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
@@ -69,9 +70,9 @@ def bleu_stats(refs: Sequence[str], hyp: str, n: int = 4) -> tuple[int, int, lis
     for ref in refs:
         ref_words = ref.split()
         lengths.append(len(ref_words))
-        max_ref |= _ngrams(ref_words, n)  # per n-gram, the most any one reference has
+        max_ref |= ngrams(ref_words, n)  # per n-gram, the most any one reference has
     correct = [0] * n
-    for gram, count in _ngrams(words, n).items():
+    for gram, count in ngrams(words, n).items():
         correct[len(gram) - 1] += min(max_ref[gram], count)
     ref_len = min((abs(length - len(words)), length) for length in lengths)[1]
     return len(words), ref_len, correct, [max(0, len(words) - k) for k in range(n)]
@@ -138,7 +139,7 @@ def cider(
     refs: Mapping[Any, Sequence[str]], hyps: Mapping[Any, Sequence[str]], n: int = 4, sigma: float = 6.0
 ) -> float:
     """CIDEr-D as pycocoevalcap computes it; document frequencies come from the references of this set."""
-    ref_counts = {key: [_ngrams(r.split(), n) for r in refs[key]] for key in hyps}
+    ref_counts = {key: [ngrams(r.split(), n) for r in refs[key]] for key in hyps}
     doc_freq: Counter = Counter()
     for counts in ref_counts.values():
         doc_freq.update({gram for c in counts for gram in c})
@@ -146,7 +147,7 @@ def cider(
         return 0.0
     log_refs = math.log(float(len(hyps)))
     total = sum(
-        cider_image(_ngrams(hyp.split(), n), ref_counts[key], doc_freq, log_refs, n, sigma)
+        cider_image(ngrams(hyp.split(), n), ref_counts[key], doc_freq, log_refs, n, sigma)
         for key, (hyp,) in hyps.items()
     )
     return total / len(hyps)

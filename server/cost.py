@@ -38,6 +38,19 @@ class CostModel:
         expected = self.expected_s(images, options)
         return floor_s if expected is None else max(floor_s, self.slack * expected)
 
+    def queue_budget(
+        self, floor_s: float, images: int, options: DecodeOptions, max_batch: int, workers: int = 1
+    ) -> float:
+        """``floor_s``, or ``slack`` times the expected time of ``images`` queued and running as the batcher runs
+        them: batches of at most ``max_batch``, ``workers`` at a time, each round as long as its largest batch.
+        (One batch of every image ahead, the earlier estimate, ignored both the rounds and the parallel lanes.)"""
+        one = self.expected_s(min(max(1, images), max_batch), options)
+        if one is None:
+            return floor_s
+        batches = -(-max(1, images) // max_batch)
+        rounds = -(-batches // max(1, workers))
+        return max(floor_s, self.slack * rounds * one)
+
     def batch_cap(self, max_batch: int, target_s: float, options: DecodeOptions) -> int:
         """The largest batch (at most ``max_batch``) expected to take no more than ``target_s``."""
         one = self.expected_s(1, options)

@@ -153,7 +153,8 @@ class CaptionService:
         # The deadline follows the model's measured cost: never shorter than slack x the expected time of the
         # work queued and running ahead of this request, and its own (a slow model is not a failing one).
         ahead = self.batcher.depth + self.batcher.in_flight + len(uploads)
-        remaining = max(deadline - time.monotonic(), self.pool.cost.budget(0.0, ahead, options))
+        work = self.pool.cost.queue_budget(0.0, ahead, options, self.batcher.max_batch_size, self.pool.workers)
+        remaining = max(deadline - time.monotonic(), work)
         if remaining <= 0:
             raise DeadlineExceededError("the deadline passed while decoding")
         served: list[CaptionResult] = await self.batcher.submit(

@@ -33,6 +33,17 @@ def test_cost_model_budgets():
     assert cost.expected_s(1, DecodeOptions(num_beams=3, max_length=40)) == pytest.approx(1.5 * 6)
 
 
+def test_the_request_deadline_counts_the_batches_ahead_and_the_lanes_running_them():
+    cost, opts = CostModel(slack=2), DecodeOptions.greedy(max_length=20)
+    assert cost.queue_budget(30.0, 40, opts, max_batch=16) == 30.0  # unmeasured: the configured deadline
+    cost.observe(16, opts, 1.6)  # 0.1 s an image
+    # 40 images ahead in batches of 16: three batches (16, 16, 8), each round as long as a full batch.
+    assert cost.queue_budget(0.0, 40, opts, max_batch=16) == pytest.approx(2 * 3 * 1.6)
+    assert cost.queue_budget(0.0, 40, opts, max_batch=16, workers=2) == pytest.approx(2 * 2 * 1.6)
+    assert cost.queue_budget(0.0, 5, opts, max_batch=16) == pytest.approx(2 * 0.5)  # one small batch
+    assert cost.queue_budget(10.0, 5, opts, max_batch=16) == 10.0  # never under the floor
+
+
 def test_a_slow_but_healthy_primary_is_not_timed_out_once_measured(tiny_model, varied_model, euvp_images, tmp_path):
     options = {"num_beams": 1, "max_length": 40}
     body = {

@@ -88,9 +88,8 @@ def test_default_settings_serve_the_bundled_models_on_onnx(euvp_images, tmp_path
     for name in ("MODEL", "FALLBACK", "BACKEND", "DEVICE", "API_KEY"):
         monkeypatch.delenv(f"REEFCAP_{name}", raising=False)  # nothing may override the defaults under test
     cache = tmp_path / "cache"  # a fresh export cache: the exports are made here on first use
-    srv = LiveServer(
-        {"REEFCAP_CACHE": str(cache), "REEFCAP_FEEDBACK_DB": str(tmp_path / "fb.sqlite3")}, tmp_path / "log"
-    )
+    env = {"REEFCAP_CACHE": str(cache), "REEFCAP_FEEDBACK_DB": str(tmp_path / "fb.sqlite3")}
+    srv = LiveServer({**env, "REEFCAP_ADMIN_KEY": "admin-key"}, tmp_path / "log")
     try:
         ready = httpx.get(srv.url + "/readyz", timeout=10).json()
         assert ready["primary"]["name"] == "reefscenes-tiny-damf", ready
@@ -105,6 +104,20 @@ def test_default_settings_serve_the_bundled_models_on_onnx(euvp_images, tmp_path
         assert result["caption"] and result["fallback"] == {"used": False, "reason": None}
         assert result["model"] == {**result["model"], "name": "reefscenes-tiny-damf", "backend": "onnx"}
         assert len(list(cache.rglob("encoder.onnx"))) == 2  # primary and fallback exported, not PyTorch's weights
+        # Offline, the same defaults through the same loader: the same model object and caption (server: greedy).
+        cmd = [sys.executable, "-m", "reefcap.cli", "caption", str(euvp_images[0]), "--greedy", "-q"]
+        line = json.loads(
+            subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, **env}).stdout
+        )
+        assert (line["model"], line["caption"]) == (result["model"], result["caption"])
+        # A hot reload loads through the same loader and config: the primary keeps its backend and dtype.
+        before = {k: ready["primary"][k] for k in ("name", "backend", "dtype", "version")}
+        r = httpx.post(
+            srv.url + "/v1/admin/reload", json={}, headers={"Authorization": "Bearer admin-key"}, timeout=120
+        )
+        assert r.status_code == 200 and r.json()["swapped"], r.text
+        after = httpx.get(srv.url + "/readyz", timeout=10).json()["primary"]
+        assert {k: after[k] for k in before} == before, after
     finally:
         srv.stop()
 

@@ -158,3 +158,35 @@ def test_workers_follow_the_measured_cost(monkeypatch):
         assert pool.workers == 2 and pool.policy.workers == 2
     finally:
         pool.close()
+
+
+def test_a_served_batch_hops_one_thread_only():
+    """The event loop hands a batch straight to the primary's thread (the policy's rules run on the loop): no
+    second pool of policy threads waiting on the first, as there was before."""
+    seen: list[str] = []
+
+    class Recording(SlowEngine):
+        def generate(self, batch, options):
+            seen.append(threading.current_thread().name)
+            return super().generate(batch, options)
+
+    pool = ModelPool(Recording(delay=0.01), None, workers=2)
+
+    async def main():
+        batcher = DynamicBatcher(pool.caption_batch, max_batch_size=2, max_wait_s=0.0, workers=2)
+        batcher.start()
+        loop_thread = threading.current_thread().name
+        out = await asyncio.gather(*(batcher.submit(images(i, 1), GREEDY, 10) for i in range(1, 7)))
+        names = {t.name for t in threading.enumerate()}
+        await batcher.close()
+        return loop_thread, out, names
+
+    try:
+        loop_thread, out, names = asyncio.run(main())
+    finally:
+        pool.close()
+    assert [r[0].caption for r in out] == [f"w{i}" for i in range(1, 7)]
+    assert seen and all(name.startswith("reefcap-primary") for name in seen), seen
+    assert loop_thread not in seen
+    # Threads alive while serving: the primary's, and none running the policy for it.
+    assert not any(n.startswith(("reefcap-policy", "reefcap-fallback")) for n in names), names

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from reefcap.models.reefscenes.realism import _caption_cell
+from reefcap.models.reefscenes.realism import caption_cell
 
 GRID_IMAGES = 8
 
@@ -84,7 +84,7 @@ def caption_grid(records: Sequence, predictions: Sequence[dict[str, Any]], path:
     for rec in shown:
         with Image.open(rec.path) as img:
             text = f"pred: {by_id[rec.image_id]} | ref: {rec.captions[0] if rec.captions else ''}"
-            cells.append(_caption_cell(img.convert("RGB"), text, cell, lines=6))
+            cells.append(caption_cell(img.convert("RGB"), text, cell, lines=6))
     cols = min(4, max(1, len(cells)))
     rows = max(1, -(-len(cells) // cols))
     height = cells[0].height if cells else cell

@@ -24,7 +24,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from reefcap.models.metrics import _ngrams, bleu_from_stats, bleu_stats, cider_image, tokenize
+from reefcap.models.metrics import ngrams, bleu_from_stats, bleu_stats, cider_image, tokenize
 
 N = 4
 
@@ -40,8 +40,8 @@ class _Image:
     cider: float = 0.0
 
     def __post_init__(self) -> None:
-        self.hyp_counts = _ngrams(self.hyp.split(), N)
-        self.ref_counts = [_ngrams(r.split(), N) for r in self.refs]
+        self.hyp_counts = ngrams(self.hyp.split(), N)
+        self.ref_counts = [ngrams(r.split(), N) for r in self.refs]
         self.grams = {g for c in self.ref_counts for g in c}
         self.bleu = bleu_stats(self.refs, self.hyp, N)
 

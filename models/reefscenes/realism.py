@@ -34,7 +34,8 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _caption_cell(image: Image.Image, text: str, width: int, lines: int = 4) -> Image.Image:
+def caption_cell(image: Image.Image, text: str, width: int, lines: int = 4) -> Image.Image:
+    """``image`` resized to ``width`` with ``text`` wrapped under it: one cell of a report's picture grid."""
     font = _font(12)
     wrapped = textwrap.wrap(text, width=max(10, width // 7))[:lines]
     cell = Image.new("RGB", (width, width + 16 * lines + 6), "white")
@@ -69,7 +70,7 @@ def preview(root, out, n: int = 6, split: str = "test", cell: int = 192) -> Path
         raise DatasetError(f"{root}: no scenes in split {split!r}")
     domains = [d for d in ("surface", "underwater") if d in by_domain]
     header = 24
-    probe = _caption_cell(Image.new("RGB", (8, 8)), "", cell)
+    probe = caption_cell(Image.new("RGB", (8, 8)), "", cell)
     grid = Image.new(
         "RGB", (cell * len(domains) + 8 * (len(domains) - 1), header + probe.height * len(scene_ids)), "white"
     )
@@ -87,7 +88,7 @@ def preview(root, out, n: int = 6, split: str = "test", cell: int = 192) -> Path
             named = [c for c in caps if names_conditions(c)]
             text = (named or caps)[0] if domain == "underwater" else caps[0]
             with Image.open(path) as im:
-                grid.paste(_caption_cell(im, f"#{sid}: {text}", cell), (col * (cell + 8), header + row * probe.height))
+                grid.paste(caption_cell(im, f"#{sid}: {text}", cell), (col * (cell + 8), header + row * probe.height))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
