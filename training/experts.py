@@ -157,6 +157,7 @@ class ExpertsProtocol(Protocol):
 
     kind = "experts"
     honours = ALL_FIELDS - {"eval_beams"}
+    validate_at_stop = False  # stage 1's validations pick each expert's state; patience counts them too
 
     def __init__(self, recipe: Recipe, config: TrainConfig, train: list, val: list | None, air: list | None) -> None:
         super().__init__(recipe, config)

@@ -59,6 +59,10 @@ class Protocol:
 
     kind: ClassVar[str] = "protocol"
     honours: ClassVar[frozenset[str]] = ALL_FIELDS  # the TrainConfig fields this protocol acts on
+    # Whether a --max-steps stop between scheduled validations validates too (an interim OUT/best for the
+    # stopped run). A protocol whose validation changes the weights says no: an extra validation would make
+    # the resumed run differ from an uninterrupted one.
+    validate_at_stop: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe, config: TrainConfig) -> None:
         self.recipe, self.config = recipe, config

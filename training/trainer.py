@@ -261,10 +261,12 @@ class Trainer:
         run_done = si == len(self.recipe.stages) - 1 and state.stage_step == total
         at_max = cfg.max_steps is not None and state.global_step >= cfg.max_steps and not run_done
         eval_every = max(1, round(cfg.eval_every_epochs * plan.steps_per_epoch[si]))
-        if state.stage_step % eval_every == 0 or state.stage_step == total or at_max:
-            self._validate(state, epoch)
-            state.stopped_early = self._patience_over(state) and not run_done
-            at_max = at_max or state.stopped_early
+        due = state.stage_step % eval_every == 0 or state.stage_step == total
+        if due or at_max:
+            if due or self.protocol.validate_at_stop:
+                self._validate(state, epoch)
+                state.stopped_early = self._patience_over(state) and not run_done
+                at_max = at_max or state.stopped_early
             self._save_checkpoint(optimizer, scheduler, state)
         elif cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
             self._save_checkpoint(optimizer, scheduler, state)
