@@ -164,7 +164,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-beams", type=int, default=3, help="beams of validation captions (GuiDG experts validate by loss)"
     )
-    p.add_argument("--patience", type=int, help="stop after N validations in a row without a better validation CIDEr")
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="stop after N validations in a row without a better validation CIDEr (GuiDG experts: validation loss)",
+    )
     p.add_argument("--no-augment", action="store_true", help="resize only (no crop, flip, RandAugment)")
     p.add_argument(
         "--underwater-aug",
