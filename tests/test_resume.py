@@ -271,3 +271,9 @@ def test_experts_refuse_options_they_cannot_honour(experts_setup, tmp_path, caps
     preserving.write_text(EXPERTS_RECIPE + "preserve: {air_fraction: 0.0}\n")
     assert _train_experts({**experts_setup, "recipe": preserving}, tmp_path / "keep") == 2
     assert "cannot honour `preserve`" in capsys.readouterr().err
+    # `reefcap compare` checks every listed recipe before it trains or evaluates anything.
+    args = ["compare", "--model", str(experts_setup["start"]), "--data", str(experts_setup["data"])]
+    args += ["--recipes", f"pretrain,{experts_setup['recipe']}", "--test", str(experts_setup["val"])]
+    args += ["--work", str(tmp_path / "grid"), "--report", str(tmp_path / "r.md"), "--eval-beams", "1"]
+    assert main(args) == 2 and "train.eval_beams" in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists()

@@ -54,7 +54,9 @@ class Validation:
 class Protocol:
     """The part of a run that depends on what is trained; see the module docstring for the lifecycle.
 
-    Subclasses set ``model`` (the BLIP written as the checkpoint) and ``processor`` in :meth:`build`.
+    Subclasses set ``model`` (the BLIP written as the checkpoint) and ``processor`` in :meth:`build`, and are
+    constructed as ``cls(recipe, config, train, val, air)`` (:func:`~reefcap.training.protocols.protocol_for`):
+    the constructor checks the recipe and data, so that a bad run fails before any model is loaded.
     """
 
     kind: ClassVar[str] = "protocol"
