@@ -247,7 +247,6 @@ def _synthetic_batch(processor, batch_size: int, cfg) -> dict[str, Any]:
 
 def training(plan: Plan, deadline: float) -> dict[str, Any]:
     """Optimizer steps of each stage of ``plan.train_recipe`` through the project's Trainer, bf16 autocast."""
-    from reefcap.models.engines.torch_engine import load_blip
     from reefcap.training.config import AugmentConfig, TrainConfig, load_recipe
     from reefcap.training.gradstats import GradStats
     from reefcap.training.trainer import Trainer, TrainState
@@ -258,9 +257,8 @@ def training(plan: Plan, deadline: float) -> dict[str, Any]:
     )
     path = model_path(plan.train_model, plan.work)
     trainer = Trainer(path, recipe, cfg, Path(plan.work) / "train", train_records=[], progress=False)
-    model, processor = load_blip(trainer.start)
-    model.text_decoder.label_smoothing = recipe.label_smoothing
-    model.train()
+    trainer.protocol.build(trainer.start, trainer.acc)  # the model as Trainer.run loads it
+    model, processor = trainer.protocol.model, trainer.protocol.processor
     batches = SyntheticBatches(_synthetic_batch(processor, plan.train_batch, cfg))
     stats, state = GradStats(model, cfg.grad_window), TrainState()
     rows = [_train_stage(plan, deadline, trainer, model, batches, stats, state, si) for si in range(len(recipe.stages))]
@@ -278,15 +276,15 @@ def training(plan: Plan, deadline: float) -> dict[str, Any]:
 def _train_stage(plan: Plan, deadline: float, trainer, model, batches, stats, state, si: int) -> dict[str, Any]:
     import torch
 
-    from reefcap.training.params import apply_stage, optimizer_groups, schedule
-    from reefcap.training.trainer import CaptionObjective
+    from reefcap.training.params import schedule
 
     stage = trainer.recipe.stages[si]
-    # As Trainer.run sets up each stage: freeze to the stage's groups, fresh AdamW + schedule, prepare.
-    counts = apply_stage(model, stage.groups)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, stage.lr, stage.weight_decay), lr=stage.lr)
+    # As Trainer.run sets up each stage: the protocol freezes to the stage's groups, fresh AdamW + schedule, prepare.
+    objective, groups, fields = trainer.protocol.begin_stage(si)
+    counts = {k: v for k, v in fields.items() if k.startswith("trainable/")}
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(stage, plan.train_steps))
-    wrapped, optimizer = trainer.acc.prepare(CaptionObjective(model), optimizer)
+    wrapped, optimizer = trainer.acc.prepare(objective, optimizer)
     stats.reset()
     state.stage, state.stage_step = si, 0
     _reset_peak(plan.device)
@@ -295,7 +293,7 @@ def _train_stage(plan: Plan, deadline: float, trainer, model, batches, stats, st
         if step > plan.train_warmup and time.monotonic() > deadline:
             break
         t0 = time.perf_counter()
-        entry = trainer._step(wrapped, model, optimizer, scheduler, batches, None, None, stats, state, si)
+        entry = trainer._step(wrapped, optimizer, scheduler, batches, stats, state, si)
         _sync(plan.device)
         if step >= plan.train_warmup:  # the first steps allocate optimizer state and pick kernels
             times.append(time.perf_counter() - t0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from synthetic_captions import all_captions, make_dataset
 
 from reefcap.cli import main
@@ -146,3 +146,134 @@ def test_training_modules_import_each_other_without_cycles():
     for module in graph:
         visit(module, [module])
     assert not cycles, cycles
+
+
+# ---- GuiDG's water-type experts: the same Trainer, so the same exact resume ---------------------------------
+
+EXPERTS_RECIPE = """\
+base: base
+experts:
+  domains: {clear: [I], coastal: [1C]}
+  context: 2
+  heads: 2
+  holdout: 0.4
+  fusion_lr: 1.0e-2
+  select_on_val: true
+stages:
+  - {name: experts, groups: [prompts], lr: 5.0e-2, epochs: 2, weight_decay: 0.0}
+  - {name: fusion, groups: [vision, fusion], lr: 1.0e-3, epochs: 2, weight_decay: 0.1}
+"""
+
+
+def _with_water(coco: Path, seed: int) -> Path:
+    """``coco`` with a Jerlov water type per image (alternating clear ocean I and coastal 1C)."""
+    data = json.loads(coco.read_text())
+    for i, img in enumerate(data["images"]):
+        img["water_type"] = ("I", "1C")[(i + seed) % 2]
+    coco.write_text(json.dumps(data))
+    return coco
+
+
+@pytest.fixture(scope="module")
+def experts_setup(tmp_path_factory) -> dict[str, Path]:
+    """Tiny data in two water domains, a validation split, a recipe, and a start model whose vision encoder has
+    attention dropout: stage 2 trains it, so a resume that did not restore the RNG would differ."""
+    from reefcap.models.factory import TinyConfig, init_tiny
+
+    root = tmp_path_factory.mktemp("experts-resume")
+    data = _with_water(make_dataset(root / "train", n=16), 0)
+    val = _with_water(make_dataset(root / "val", n=4, seed=1), 1)
+    # The clear-water images' validation captions are word salad that training moves away from: that expert's
+    # validation loss rises, so stage 1's selection keeps its first validated state (the other expert's last).
+    coco = json.loads(val.read_text())
+    clear = {img["id"] for img in coco["images"] if img["water_type"] == "I"}
+    for a in coco["annotations"]:
+        a["caption"] = "dark dark circle circle" if a["image_id"] in clear else a["caption"]
+    val.write_text(json.dumps(coco))
+    cfg = TinyConfig(image_size=32, vision_hidden=64, text_hidden=64, vision_layers=2, text_layers=2, vocab_size=300)
+    start = init_tiny(root / "m", all_captions(data), cfg)
+    config = json.loads((start / "config.json").read_text())
+    config["vision_config"]["attention_dropout"] = 0.2
+    (start / "config.json").write_text(json.dumps(config))
+    # Larger weights than a fresh init's: the decoder then listens to the experts' context, so their validation
+    # losses move, and stage 1's per-expert selection keeps an earlier state for some expert.
+    weights = load_file(start / "model.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    noisy = {k: v + torch.randn(v.shape, generator=gen) * 0.1 if v.dim() > 1 else v for k, v in weights.items()}
+    save_file(noisy, start / "model.safetensors", metadata={"format": "pt"})
+    recipe = root / "experts.yaml"
+    recipe.write_text(EXPERTS_RECIPE)
+    return {"data": data, "val": val, "start": start, "recipe": recipe}
+
+
+def _train_experts(setup: dict[str, Path], out: Path, *extra: str) -> int:
+    # 2 steps per epoch in each stage (about 16 captions per part, batch 4, 2 micro-batches a step): 4 + 4 steps,
+    # validated at every epoch end; stage 1's validations pick each expert's state.
+    args = ["train", "--recipe", str(setup["recipe"]), "--model", str(setup["start"]), "--data", str(setup["data"])]
+    args += ["--val", str(setup["val"]), "--out", str(out), "--batch-size", "4", "--grad-accum", "2", "--seed", "1"]
+    return main([*args, "--no-progress", "--no-manifest", *extra])
+
+
+def _tensors(run: Path) -> dict[str, torch.Tensor]:
+    last = run / "last"
+    return {**load_file(last / "model.safetensors"), **load_file(last / "reefcap_experts.safetensors")}
+
+
+def test_experts_resume_after_a_kill_is_exact(experts_setup, tmp_path, monkeypatch, capsys):
+    from reefcap.training.trainer import Trainer
+
+    assert _train_experts(experts_setup, tmp_path / "full") == 0
+    full_summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    step = Trainer._step
+
+    def killed(self, wrapped, optimizer, scheduler, batches, stats, state, si):
+        if state.global_step == 3:  # inside stage 1, after its first validation and checkpoint (step 2)
+            raise KeyboardInterrupt
+        return step(self, wrapped, optimizer, scheduler, batches, stats, state, si)
+
+    monkeypatch.setattr(Trainer, "_step", killed)
+    assert _train_experts(experts_setup, tmp_path / "cut") == 130
+    monkeypatch.undo()
+    assert not (tmp_path / "cut" / "last").exists()
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["global_step"] == 2
+    # Stop again at the end of stage 1 (its selection not applied yet: the resume applies it), then inside
+    # stage 2 between validations, then finish.
+    for stop in (4, 5):
+        assert _train_experts(experts_setup, tmp_path / "cut", "--resume", "--max-steps", str(stop)) == 0
+        assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["global_step"] == stop
+    capsys.readouterr()
+    assert _train_experts(experts_setup, tmp_path / "cut", "--resume") == 0
+    cut_summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    full, cut = _tensors(tmp_path / "full"), _tensors(tmp_path / "cut")
+    assert full.keys() == cut.keys() and {"prompts", "fusion.pool"} <= full.keys()
+    assert [k for k in full if not torch.equal(full[k], cut[k])] == []
+    losses = {run: {e["step"]: e["loss"] for e in _log(tmp_path / run)} for run in ("full", "cut")}
+    assert len(losses["full"]) == 8 and losses["full"] == losses["cut"]
+    vals = {run: {e["step"]: e["val_loss"] for e in _log(tmp_path / run, "eval")} for run in ("full", "cut")}
+    assert sorted(vals["full"]) == [2, 4, 6, 8] and vals["full"] == vals["cut"]
+    # The selection the resume had to carry over: the clear expert's best state is step 2's, saved before the kill.
+    stage1 = {e["step"]: e for e in _log(tmp_path / "full", "eval") if e["stage"] == 0}
+    assert stage1[2]["val_loss/clear"] < stage1[4]["val_loss/clear"]
+    assert stage1[4]["val_loss/coastal"] < stage1[2]["val_loss/coastal"]
+    assert full_summary["steps"] == cut_summary["steps"] == 8
+    assert full_summary["routing_accuracy_holdout"] == cut_summary["routing_accuracy_holdout"]
+    stages = [e["name"] for e in _log(tmp_path / "cut", "stage")]
+    assert stages == ["experts", "experts", "experts", "fusion", "fusion"]  # each resume announces its stage
+
+
+def test_experts_refuse_options_they_cannot_honour(experts_setup, tmp_path, capsys):
+    assert _train_experts(experts_setup, tmp_path / "beams", "--eval-beams", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.eval_beams" in err[0] and "experts protocol" in err[0], err
+    assert not (tmp_path / "beams").exists()
+    preserving = tmp_path / "preserving.yaml"
+    preserving.write_text(EXPERTS_RECIPE + "preserve: {air_fraction: 0.0}\n")
+    assert _train_experts({**experts_setup, "recipe": preserving}, tmp_path / "keep") == 2
+    assert "cannot honour `preserve`" in capsys.readouterr().err
+    # `reefcap compare` checks every listed recipe before it trains or evaluates anything.
+    args = ["compare", "--model", str(experts_setup["start"]), "--data", str(experts_setup["data"])]
+    args += ["--recipes", f"pretrain,{experts_setup['recipe']}", "--test", str(experts_setup["val"])]
+    args += ["--work", str(tmp_path / "grid"), "--report", str(tmp_path / "r.md"), "--eval-beams", "1"]
+    assert main(args) == 2 and "train.eval_beams" in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists()

@@ -147,6 +147,10 @@ def run_compare(
         raise ReefcapError("a recipe with knowledge preservation is listed: pass --preserve-data (in-air captions)")
     if compare.seeds < 1:
         raise ReefcapError("--seeds must be >= 1")
+    from .protocols import check_honoured
+
+    for recipe in recipes.values():  # a run option some protocol cannot honour fails before any training
+        check_honoured(recipe, config)
     work, report = Path(compare.work), Path(compare.report)
     splits = {"underwater": Path(compare.test)}
     if compare.test_air:
@@ -165,7 +169,7 @@ def run_compare(
             if compare.report_only and not (out / "last").is_dir():
                 continue
             if not (out / "last").is_dir():
-                resume = (out / "checkpoint").is_dir() and recipe.experts is None
+                resume = (out / "checkpoint").is_dir()
                 run_config = replace(config, seed=seed)
                 run_training(recipe, run_config, run_inputs, out, resume=resume, override=override, progress=progress)
             runs.setdefault(name, []).append(out)

@@ -15,8 +15,14 @@ from .params import parameter_groups
 
 
 class GradStats:
-    def __init__(self, model: torch.nn.Module, window: int = 50) -> None:
-        self.groups = {g: [p for _, p in ps] for g, ps in parameter_groups(model).items()}
+    """Gradient norms per parameter group: BLIP's groups of ``model``, or the ``groups`` given (name -> tensors)."""
+
+    def __init__(
+        self, model: torch.nn.Module, window: int = 50, groups: dict[str, list[torch.nn.Parameter]] | None = None
+    ) -> None:
+        if groups is None:
+            groups = {g: [p for _, p in ps] for g, ps in parameter_groups(model).items()}
+        self.groups = groups
         self.window = window
         self.recent = {g: deque(maxlen=window) for g in self.groups}
         # Welford running mean/variance of the norm since the stage started.

@@ -144,11 +144,9 @@ def run_training(
     from .trainer import Trainer
 
     out = Path(out)
-    if recipe.experts is not None:
-        if resume:  # a GuiDG run is minutes long and keeps no resume checkpoint: say so rather than start over
-            raise ReefcapError(f"recipe {recipe.name!r} (water-type experts) cannot --resume; rerun it in a new --out")
-        return _run_experts(recipe, config, inputs, out)
-    if recipe.preserve is None:  # in-air captions are read only by preserving recipes: not part of the setup
+    # In-air captions are read by preserving recipes (distillation) and GuiDG (the in-air expert's data) only:
+    # for the others they are not part of the setup a resume compares.
+    if recipe.preserve is None and recipe.experts is None:
         inputs = replace(inputs, preserve_data=None)
     changes = check_resume(out, recipe, config, inputs, override) if resume else {}
     train = load_records(inputs.data)
@@ -161,14 +159,3 @@ def run_training(
     if changes:
         summary["overridden"] = sorted(changes)
     return summary
-
-
-def _run_experts(recipe: Recipe, config: TrainConfig, inputs: RunInputs, out: Path) -> dict[str, Any]:
-    """GuiDG's recipe: in-air captions (``--preserve-data``) are the in-air expert's data, when it has one."""
-    from .data import load_records
-    from .experts import ExpertsTrainer
-
-    air = load_records(inputs.preserve_data) if inputs.preserve_data else None
-    val = load_records(inputs.val) if inputs.val else None
-    trainer = ExpertsTrainer(inputs.model, recipe, config, out, load_records(inputs.data), air, val)
-    return trainer.run()

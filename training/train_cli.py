@@ -160,8 +160,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (resumable)")
     p.add_argument("--eval-every", type=float, default=1.0, help="validate every N epochs (and at stage ends)")
     p.add_argument("--eval-max-images", type=int, help="validate on the first N images only")
-    p.add_argument("--eval-beams", type=int, default=3)
-    p.add_argument("--patience", type=int, help="stop after N validations in a row without a better validation CIDEr")
+    p.add_argument(
+        "--eval-beams", type=int, default=3, help="beams of validation captions (GuiDG experts validate by loss)"
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="stop after N validations in a row without a better validation CIDEr (GuiDG experts: validation loss)",
+    )
     p.add_argument("--no-augment", action="store_true", help="resize only (no crop, flip, RandAugment)")
     p.add_argument(
         "--underwater-aug",
@@ -183,8 +189,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="adapt a BLIP checkpoint with a recipe (DAMF, baselines, pretraining)")
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="adapt a BLIP checkpoint with a recipe (DAMF, baselines, GuiDG, pretraining)")
     train.add_argument("--recipe", required=True, help="bundled recipe name or a YAML file")
     _add_run_options(train)
     train.add_argument("--out", required=True, help="run directory: best/, last/, checkpoint/, log.jsonl, tb/")
@@ -202,6 +208,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.set_defaults(handler=_train)
 
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="caption a test set and score it (BLEU, METEOR, ROUGE-L, CIDEr, collapse)")
     ev.add_argument("--model", required=True)
     ev.add_argument("--data", required=True, help="test captions")
@@ -229,6 +237,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(handler=_eval)
 
+
+def _register_compare(sub: argparse._SubParsersAction) -> None:
     cmp_ = sub.add_parser("compare", help="train several recipes x seeds from one start and report the comparison")
     cmp_.add_argument("--recipes", default="naive,low_lr,visual_only,damf,damf_preserve")
     cmp_.add_argument("--seeds", type=int, default=3)
@@ -250,6 +260,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cmp_.add_argument("--no-meteor", action="store_true")
     cmp_.set_defaults(handler=_compare)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `train`, `eval` and `compare` (and the zoo and adapt commands) to the `reefcap` parser."""
+    _register_train(sub)
+    _register_eval(sub)
+    _register_compare(sub)
 
     from .adapt import register as register_adapt
     from .zoo import register as register_zoo
