@@ -24,7 +24,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from reefcap.models.metrics import ngrams, bleu_from_stats, bleu_stats, cider_image, tokenize
+from reefcap.models.metrics import bleu_from_stats, bleu_stats, cider_image, ngrams, tokenize
 
 N = 4
 
