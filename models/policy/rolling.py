@@ -22,8 +22,8 @@ references hold it)``: over one image every weight is 0, so CIDEr reads 0 whatev
 a handful the words the images share weigh nothing and the rest at most ``log(images)``, so the value moves
 with which few images happen to have references more than with the captions. From 10 images a word in one
 image's references weighs ``log 10`` (2.3) against 0 for a word in all of them, and one image is a tenth of
-the mean. (10 is a judgement, not a derivation; it is also why ``FEEDBACK_WINDOW`` below 10 never reports
-CIDEr.) BLEU-4 has no corpus weights and is reported from the first image.
+the mean. (10 is a judgement, not a derivation. A window under 10 images never reports CIDEr.) BLEU-4 has
+no corpus weights and is reported from the first image.
 """
 
 from __future__ import annotations
