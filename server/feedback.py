@@ -4,7 +4,8 @@ Every captioned image is stored with its caption (``served``), newest ``retain``
 has feedback (those are never pruned). ``POST /v1/feedback`` adds references for a served request id: each
 reference once per image, at most ``max_references`` per image. Rolling BLEU-4 and CIDEr per model
 (:mod:`reefcap.models.metrics`, the numbers ``reefcap eval`` reports) cover the ``window`` images that most
-recently got their first references, kept up to date incrementally (:mod:`reefcap.models.policy.rolling`);
+recently got their first references, kept up to date incrementally (:mod:`reefcap.models.policy.rolling`;
+CIDEr only once 10 images have references, with the image and reference counts they come from);
 ``export`` writes the images and references as a COCO-captions training set. A database that cannot be
 opened or written raises :class:`FeedbackUnavailableError` when the store opens.
 """
@@ -229,10 +230,14 @@ class FeedbackStore:
             grouped.setdefault((rid, idx), (caption, []))[1].append(ref)
         return [(key, caption, refs) for key, (caption, refs) in grouped.items()]
 
-    def rolling_scores(self, model: str, window: int) -> dict[str, float]:
+    def rolling_scores(self, model: str, window: int) -> dict[str, float | int]:
         """Rolling BLEU-4 and CIDEr of the model's served captions against their references (the library's
         caption metrics, as ``reefcap eval`` computes them), kept up to date incrementally by :meth:`add`
-        (:class:`~reefcap.models.policy.rolling.RollingScores`); read from the database on first use."""
+        (:class:`~reefcap.models.policy.rolling.RollingScores`); read from the database on first use.
+
+        ``{"images", "references", "Bleu_4", "CIDEr"}``: CIDEr is absent until
+        :data:`~reefcap.models.policy.rolling.MIN_CIDER_IMAGES` images have references (it is degenerate over
+        fewer), Bleu_4 until one has."""
         with self._rolling_lock:
             rolling = self._rolling.get(model)
             if rolling is None or rolling.window != window:

@@ -99,7 +99,9 @@ class CaptionService:
         except Exception as exc:  # a damaged database must not keep the server from serving
             log.error("could not read the rolling scores from the feedback database: %s", exc)
 
-    def _set_rolling(self, model: str, scores: dict[str, float]) -> None:
+    def _set_rolling(self, model: str, scores: dict[str, float | int]) -> None:
+        # A score not yet meaningful (CIDEr over fewer than ten images) is absent: no gauge rather than a 0 that
+        # misleads. A model's window never holds fewer images than before, so a gauge once set stays meaningful.
         for metric in ("Bleu_4", "CIDEr"):
             if metric in scores:
                 self.metrics.quality.labels(model, metric, "feedback", "rolling").set(scores[metric])
@@ -209,7 +211,10 @@ class CaptionService:
             m.uciqe.observe(d.uciqe)
 
     async def add_feedback(self, request_id: str, index: int, references: list[str]) -> dict[str, Any]:
-        """Store references and update the model's rolling BLEU-4/CIDEr (bounded work, on a worker thread)."""
+        """Store references and update the model's rolling BLEU-4/CIDEr (bounded work, on a worker thread).
+
+        The answer's ``rolling`` is :meth:`FeedbackStore.rolling_scores`: the image and reference counts the
+        scores come from, and CIDEr only from ten images with references on."""
         added = await asyncio.to_thread(self.store.add, request_id, index, references)
         model = added["model"]
         self.metrics.feedback.inc(added["stored"])

@@ -197,7 +197,11 @@ def test_split_is_deterministic_order_independent_and_70_15_15():
 
 def test_split_keeps_a_scene_together():
     recs = fake_records(100, scenes={i: i // 2 for i in range(100)})  # pairs share a scene
-    for part in split_records(recs).values():
+    parts = split_records(recs)
+    # 50 scenes cut 35/7/8 (the cuts round on scenes, not images): every split holds some, each image is in one.
+    assert {k: len(v) for k, v in parts.items()} == {"train": 70, "val": 14, "test": 16}
+    assert sorted(r.image_id for part in parts.values() for r in part) == list(range(100))
+    for part in parts.values():
         ids = {r.image_id for r in part}
         assert all((i ^ 1) in ids for i in ids)
 

@@ -18,7 +18,7 @@ from server_helpers import png_bytes
 from reefcap.models.engines.base import EngineConfig
 from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.metrics import bleu4_cider
-from reefcap.models.policy.rolling import RollingScores
+from reefcap.models.policy.rolling import MIN_CIDER_IMAGES, RollingScores
 from reefcap.server.app import create_app
 from reefcap.server.feedback import FeedbackStore, FeedbackUnavailableError, TooManyReferencesError
 from reefcap.server.pool import ModelPool
@@ -67,13 +67,35 @@ def test_rolling_scores_equal_a_full_recompute_of_the_window():
         assert rolling.scores()["Bleu_4"] == pytest.approx(expected["Bleu_4"], abs=1e-12)
         assert len(rolling) == len(truth)
     assert rolling.exact()["CIDEr"] == pytest.approx(expected["CIDEr"], abs=1e-12)
-    # A window no larger than refresh + 1 is rescored in full on every update: exact at every step.
-    small = RollingScores(window=5, refresh=4)
+    # A window no larger than refresh + 1 is rescored in full on every update: exact at every step (CIDEr
+    # asked for from one image on: exactness, not the reporting minimum, is checked here).
+    small = RollingScores(window=5, refresh=4, min_cider_images=1)
     for key, (caption, refs) in list(truth.items())[:5]:
         small.update(key, caption, refs)
     five = dict(list(truth.items())[:5])
     want = bleu4_cider({k: c for k, (c, _) in five.items()}, {k: r for k, (_, r) in five.items()})
     assert small.scores()["CIDEr"] == pytest.approx(want["CIDEr"], abs=1e-12)
+
+
+def test_rolling_cider_is_reported_from_ten_images_on_with_its_counts():
+    rng = random.Random(3)
+    items = [(k, sentence(rng), [sentence(rng) for _ in range(1 + k % 3)]) for k in range(MIN_CIDER_IMAGES)]
+    # Why there is a minimum: over one image CIDEr's idf is log(1/1) = 0 for every n-gram, so even a caption
+    # equal to its reference scores 0.
+    assert bleu4_cider({0: "a fish over the reef"}, {0: ["a fish over the reef"]})["CIDEr"] == 0
+    rolling = RollingScores(window=50)
+    assert rolling.scores() == {"images": 0, "references": 0}
+    for n, (key, caption, refs) in enumerate(items, 1):
+        rolling.update(key, caption, refs)
+        got = rolling.scores()
+        assert got["images"] == n and got["references"] == sum(len(r) for _, _, r in items[:n])
+        assert ("CIDEr" in got) == (n >= MIN_CIDER_IMAGES) and "Bleu_4" in got, (n, got)
+    want = bleu4_cider({k: c for k, c, _ in items}, {k: r for k, _, r in items})
+    assert got["CIDEr"] == pytest.approx(want["CIDEr"], abs=1e-12) and got["CIDEr"] > 0
+    # More references for an image already in the window count once each; the image count stays.
+    rolling.update(0, items[0][1], [*items[0][2], "a blue fish"])
+    assert rolling.scores()["references"] == got["references"] + 1 and rolling.scores()["images"] == n
+    assert MIN_CIDER_IMAGES == 10  # the documented minimum (README, models/policy/rolling.py)
 
 
 def _served_store(tmp_path, images: int, refs_each: int) -> FeedbackStore:

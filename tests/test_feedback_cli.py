@@ -15,6 +15,7 @@ from reefcap.cli import main
 from reefcap.clients.http import AsyncReefcapClient, ReefcapClient, ReefcapHTTPError
 from reefcap.models.data.datasets import load_dataset
 from reefcap.models.errors import ReefcapError
+from reefcap.models.policy.rolling import MIN_CIDER_IMAGES
 from reefcap.server.feedback import image_split
 
 pytestmark = pytest.mark.timeout(180)
@@ -111,6 +112,10 @@ def test_one_item_from_flags_and_from_both_clients(server, served, capsys):
     with ReefcapClient(server.url, api_key=KEY) as client:
         answer = client.feedback(served[6]["request_id"], 0, "a turtle")
         assert answer["stored"] == 1 and answer["request_id"] == served[6]["request_id"]
+        # The rolling scores say what they come from; CIDEr only once it means something (ten images).
+        rolling = answer["rolling"]
+        assert rolling["references"] >= rolling["images"] >= 1 and "Bleu_4" in rolling
+        assert ("CIDEr" in rolling) == (rolling["images"] >= MIN_CIDER_IMAGES), rolling
         with pytest.raises(ReefcapHTTPError) as info:
             client.feedback(served[6]["request_id"], 3, ["no such image in that request"])
         assert info.value.status == 404 and info.value.code == "unknown_request"

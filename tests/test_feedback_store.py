@@ -6,6 +6,7 @@ import sqlite3
 import threading
 import time
 
+from reefcap.models.policy.rolling import MIN_CIDER_IMAGES
 from reefcap.server.feedback import FeedbackStore
 
 
@@ -95,11 +96,12 @@ def test_a_restarted_server_exports_the_stored_rolling_scores_at_once(tiny_model
 
     db = tmp_path / "fb.sqlite3"
     store = FeedbackStore(db)
-    for i in range(3):
+    for i in range(MIN_CIDER_IMAGES):  # enough images for CIDEr to be reported at all
         store.record_served(f"r{i}", [_row(0)])
         store.add(f"r{i}", 0, [f"a fish {i} over the reef", "a fish near a coral"])
     expected = store.rolling_scores("m", 500)
     store.close()
+    assert expected["images"] == MIN_CIDER_IMAGES and expected["references"] == 2 * MIN_CIDER_IMAGES
     settings = ServerSettings(_env_file=None, feedback_db=db, inference_threads=1)
     pool = ModelPool(TorchCaptionEngine.load(str(tiny_model), EngineConfig(device="cpu")), None)
 
@@ -114,3 +116,4 @@ def test_a_restarted_server_exports_the_stored_rolling_scores_at_once(tiny_model
     for name in ("Bleu_4", "CIDEr"):
         got = metric(text, "reefcap_caption_quality_score", model="m", metric=name, source="feedback", split="rolling")
         assert got == expected[name]
+    assert expected["CIDEr"] > 0  # "a fish near a coral" is shared, the numbered references are not

@@ -1,4 +1,4 @@
-"""The quality gate's rules on their own: declared directions, tolerance, collapse ceilings, manifest hashes,
+"""The quality gate's rules on their own: declared directions, tolerance, relative collapse ceilings, manifest hashes,
 the choice of gate set, and the deterministic ReefScenes probe set the library renders."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from reefcap.models.policy.gate import (
     DIRECTIONS,
     GateConfig,
     choose_gate_set,
+    collapse_ceiling,
     compare,
     verify_manifest,
 )
@@ -47,10 +48,39 @@ def test_directions_and_tolerance():
     assert not v["empty_or_one_word"].passed and "above by more than 0.02" in v["empty_or_one_word"].reason
 
 
-def test_collapse_is_refused_whatever_the_serving_model_does():
+def test_collapse_is_refused_against_no_serving_model():
     v = _verdicts({"CIDEr": 2.0, "repetition_rate": 0.9, "empty_or_one_word": 0.5}, None)
     assert not v["repetition_rate"].passed and "(collapse)" in v["repetition_rate"].reason
     assert not v["empty_or_one_word"].passed and v["CIDEr"].passed  # nothing to beat: measured numbers alone
+    assert v["repetition_rate"].reason == "0.9000 > 0.05 (collapse)"  # the floor is the whole ceiling
+    v = _verdicts({"repetition_rate": 0.05, "empty_or_one_word": 0.04}, None)
+    assert all(x.passed for x in v.values())  # at or under the floor: not a collapse
+
+
+def test_collapse_ceiling_is_relative_to_the_serving_model():
+    # A tolerance wide enough that only the collapse ceiling can refuse (the margin is its own setting), and a
+    # margin below the floor so that which of the two decides shows.
+    loose = GateConfig(tolerance=0.5, max_repetition=0.05, max_empty=0.05, collapse_margin=0.03)
+    serving = {"repetition_rate": 0.20, "empty_or_one_word": 0.10}
+
+    def verdicts(new, old):
+        return {v.metric: v for v in compare(new, old, loose)}
+
+    # The serving model repeats on this gate set too: a candidate doing as badly, or a little worse, is not
+    # collapsed (the absolute 5% ceiling refused it).
+    v = verdicts({"repetition_rate": 0.23, "empty_or_one_word": 0.12}, serving)
+    assert all(x.passed for x in v.values()), [x.reason for x in v.values()]
+    v = verdicts({"repetition_rate": 0.24, "empty_or_one_word": 0.14}, serving)
+    assert not v["repetition_rate"].passed and not v["empty_or_one_word"].passed
+    assert v["repetition_rate"].reason == "0.2400 > 0.2300 = max(serving 0.2000 + 0.03, 0.05) (collapse)"
+    # A serving model that never repeats: the floor (0.05), not serving + margin (0.03), decides.
+    clean = {"repetition_rate": 0.0, "empty_or_one_word": 0.0}
+    v = verdicts({"repetition_rate": 0.05, "empty_or_one_word": 0.04}, clean)
+    assert all(x.passed for x in v.values()), [x.reason for x in v.values()]
+    v = verdicts({"repetition_rate": 0.06, "empty_or_one_word": 0.03}, clean)
+    assert not v["repetition_rate"].passed and "(collapse)" in v["repetition_rate"].reason
+    assert v["empty_or_one_word"].passed
+    assert collapse_ceiling("CIDEr", 0.5, loose) is None  # only the two collapse rates have a ceiling
 
 
 def test_manifest_hashes(tmp_path):

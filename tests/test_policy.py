@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -31,14 +32,26 @@ class Recorder(PolicyObserver):
     def __init__(self) -> None:
         self.fallbacks: Counter[str] = Counter()
         self.roles: list[str] = []
+        self.timings: list[tuple[str, float, float]] = []  # (role, seconds, perf_counter when reported)
         self.breaker_states: list[bool] = []
 
     def fallback(self, reason, images):
         self.fallbacks[reason] += images
 
     def inference(self, role, info, seconds):
-        assert seconds >= 0
         self.roles.append(role)
+        self.timings.append((role, seconds, time.perf_counter()))
+
+    def assert_timed_in_order(self, since: float) -> None:
+        """Every span reported after ``since`` took time and fits, end to end, between ``since`` and when it
+        was reported: wrong units, another clock or a cumulative count would not fit."""
+        previous = since
+        for role, seconds, told in self.timings:
+            if told < since:
+                continue
+            assert seconds > 0, role
+            assert told - seconds >= previous, (role, seconds, told - previous)  # began after the last one ended
+            previous = told
 
     def breaker(self, is_open):
         self.breaker_states.append(is_open)
@@ -92,6 +105,7 @@ def test_failing_primary_goes_to_fallback_and_opens_the_circuit(engines, euvp_im
     expected = [c.caption for c in engines["tiny"].caption(images, GREEDY)]
 
     reasons = []
+    since = time.perf_counter()
     for step in range(5):
         if step == 3:
             clock.now += 31  # past reset_s: one batch tries the primary again, fails, reopens
@@ -104,10 +118,14 @@ def test_failing_primary_goes_to_fallback_and_opens_the_circuit(engines, euvp_im
     assert policy.counts == Counter({"primary_error": 6, "circuit_open": 4}) == seen.fallbacks
     assert seen.breaker_states == [False, True, True]  # told after each primary attempt
     assert seen.roles.count("fallback") == 5 and "primary" not in seen.roles  # a failed batch is not timed
+    seen.assert_timed_in_order(since)
 
     policy.swap_primary(engines["varied"])  # a new primary closes the circuit
     assert not policy.circuit_open
+    since = time.perf_counter()
     served = policy.caption(images, GREEDY)
+    assert seen.roles[5] == "primary"
+    seen.assert_timed_in_order(since)
     own = engines["varied"].caption(images, GREEDY)
     for s, c in zip(served, own, strict=True):  # the primary answers, save where its caption is degenerate
         reason = degenerate_reason(c.caption)

@@ -20,7 +20,8 @@ from reefcap.models.reefscenes.captions import NOUNS, make_captions, names_condi
 from reefcap.models.reefscenes.dataset import ReefScenesConfig, default_counts, generate, render_scene, scene_split
 from reefcap.models.reefscenes.optics import JERLOV_N, underwater
 from reefcap.models.reefscenes.painter import paint
-from reefcap.models.reefscenes.scenes import sample_scene, scene_rng
+from reefcap.models.reefscenes.scenes import CATALOGUE, COLOURS, sample_scene, scene_rng
+from reefcap.models.reefscenes.subjects import DRAW, Painter
 
 
 def files_of(root):
@@ -130,6 +131,19 @@ def test_relations_hold_in_the_layout():
             assert all(s["rel_range"] < other["rel_range"] for s in subj)
         checked.add(rel)
     assert checked == {"above", "below", "beside", "in front of"}
+
+
+def test_every_kind_has_a_drawer_that_labels_what_it_paints():
+    # paint() looks subjects up in DRAW by kind: a kind without a drawer would only fail on the seed that picks it.
+    assert set(DRAW) == set(CATALOGUE)
+    for kind, spec in CATALOGUE.items():
+        variant = next(iter(spec["variants"]))
+        p = Painter(64)
+        p.label = 3
+        DRAW[kind](p, p.px(0.5), p.px(0.6), p.px(0.4), COLOURS["red"], 1, np.random.default_rng(0), variant)
+        labels = np.asarray(p.labels)
+        assert set(np.unique(labels)) == {0, 3}, kind  # its own label, on part of the frame only
+        assert np.asarray(p.rgb)[labels == 3].any(), kind  # and colour where it labelled
 
 
 def test_underwater_transform_types_determinism_and_physics():

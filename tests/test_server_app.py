@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from server_helpers import (
+    _samples,
     collapsed_model,
     copy_model,
     corrupt_copy,
@@ -271,13 +272,18 @@ def test_feedback_rolling_scores_and_export(engines, euvp_images, tmp_path):
         r = await client.post("/v1/feedback", json={"request_id": served[0][0], "references": [served[0][1]]})
         assert r.status_code == 200, r.text
         perfect = r.json()["rolling"]
-        assert perfect["images"] == 1 and perfect["Bleu_4"] > 0.5
+        assert perfect["images"] == 1 and perfect["references"] == 1 and perfect["Bleu_4"] > 0.5
+        assert "CIDEr" not in perfect  # degenerate over one image (its idf is 0): not reported below ten
         for rid, _, _ in served[1:]:
             refs = ["a green sea turtle swimming over a coral reef", "a turtle above the reef"]
-            assert (await client.post("/v1/feedback", json={"request_id": rid, "references": refs})).status_code == 200
+            r = await client.post("/v1/feedback", json={"request_id": rid, "references": refs})
+            assert r.status_code == 200, r.text
+        last = r.json()["rolling"]
+        assert last["images"] == 3 and last["references"] == 5 and "CIDEr" not in last
         text = (await client.get("/metrics")).text
         mixed = metric(text, "reefcap_caption_quality_score", model="varied-m", metric="Bleu_4", source="feedback")
-        assert 0 <= mixed < perfect["Bleu_4"]
+        assert 0 <= mixed < perfect["Bleu_4"] and mixed == last["Bleu_4"]
+        assert not _samples(text, "reefcap_caption_quality_score", {"metric": "CIDEr", "source": "feedback"})
         r = await client.post("/v1/feedback", json={"request_id": "nope", "references": ["x"]})
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_request"
         r = await client.post("/v1/feedback", json={"request_id": served[0][0], "references": []})

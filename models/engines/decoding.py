@@ -107,6 +107,83 @@ def greedy(
     return _summarise(len(prompt), seqs, np.stack(logps, axis=1), np.full(n, generated), eos)
 
 
+class _Beams:
+    """Beam search's state for ``n`` images, HF's arrays one for one: K running beams and K finished
+    hypotheses per image, each with its tokens, per-token raw log-probabilities and score."""
+
+    def __init__(self, prompt: Sequence[int], n: int, k: int, max_length: int, eos: int):
+        p = len(prompt)
+        self.n, self.k, self.p, self.eos = n, k, p, eos
+        self.k2 = 2 * k  # HF keeps max(2, 1 + number of EOS ids) * num_beams candidates
+        width = max(max_length, p + 1)
+        self.img = np.arange(n)[:, None]
+        self.run_seq = np.full((n, k, width), eos, dtype=np.int64)
+        self.run_seq[:, :, :p] = np.asarray(prompt, dtype=np.int64)
+        self.run_lp = np.zeros((n, k, width - p), dtype=np.float32)  # raw log-prob of each generated token
+        self.run_score = np.zeros((n, k), dtype=np.float32)
+        self.run_score[:, 1:] = NEG  # all beams start identical: only the first may expand at step one
+        self.fin_seq, self.fin_lp = self.run_seq.copy(), self.run_lp.copy()
+        self.fin_score = np.full((n, k), NEG, dtype=np.float32)
+        self.fin_done = np.zeros((n, k), dtype=bool)
+        self.fin_len = np.zeros((n, k), dtype=np.int64)
+        self.improvable = np.ones(n, dtype=bool)
+        self.top_mask = np.arange(self.k2) < k
+
+    def candidates(self, logits: np.ndarray, cur: int, repetition_penalty: float, min_length: int):
+        """The 2K best continuations of each image's running beams: (scores, sequences, log-probs, tokens, parents)."""
+        n, k, p, img = self.n, self.k, self.p, self.img
+        vocab = logits.shape[-1]
+        raw = log_softmax(logits)
+        scores = raw.copy()
+        if repetition_penalty != 1.0:
+            _penalise(scores, self.run_seq[:, :, :cur].reshape(n * k, cur), repetition_penalty)
+        if cur < min_length:
+            scores[:, self.eos] = -np.inf
+        acc = (scores.reshape(n, k, vocab) + self.run_score[:, :, None]).reshape(n, k * vocab)
+        top = np.argsort(-acc, axis=1, kind="stable")[:, : self.k2]
+        top_score = np.take_along_axis(acc, top, axis=1)
+        parent, token = top // vocab, top % vocab
+        cand_seq = self.run_seq[img, parent]
+        cand_seq[:, :, cur] = token
+        cand_lp = self.run_lp[img, parent]
+        cand_lp[:, :, cur - p] = raw.reshape(n, k, vocab)[img, parent, token]
+        return top_score, cand_seq, cand_lp, token, parent
+
+    def keep_running(self, top_score, hits, cand_seq, cand_lp, parent) -> np.ndarray:
+        """Running beams become the best K candidates that did not just finish; returns the cache rows they
+        continue (``beam_idx``)."""
+        img, k = self.img, self.k
+        masked = top_score + hits.astype(np.float32) * NEG
+        keep = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+        beam_idx = (img * k + parent[img, keep]).reshape(-1)
+        self.run_seq, self.run_lp, self.run_score = cand_seq[img, keep], cand_lp[img, keep], masked[img, keep]
+        return beam_idx
+
+    def add_finished(self, top_score, hits, cand_seq, cand_lp, cur: int, length_penalty: float, early_stopping):
+        """Finished hypotheses: only candidates among the top K may enter, scored with the length penalty."""
+        n, k, p, img = self.n, self.k, self.p, self.img
+        new_score = top_score / np.float32((cur + 1 - p) ** length_penalty)
+        if early_stopping is True:
+            new_score = new_score + self.fin_done.all(axis=1, keepdims=True).astype(np.float32) * NEG
+        new_score = new_score + (~self.improvable)[:, None].astype(np.float32) * NEG
+        just = hits & self.top_mask[None, :]
+        new_score = new_score + (~just).astype(np.float32) * NEG
+        merged_score = np.concatenate([self.fin_score, new_score], axis=1)
+        best = np.argsort(-merged_score, axis=1, kind="stable")[:, :k]
+        self.fin_seq = np.concatenate([self.fin_seq, cand_seq], axis=1)[img, best]
+        self.fin_lp = np.concatenate([self.fin_lp, cand_lp], axis=1)[img, best]
+        self.fin_len = np.concatenate([self.fin_len, np.full((n, self.k2), cur + 1 - p)], axis=1)[img, best]
+        self.fin_done = np.concatenate([self.fin_done, just], axis=1)[img, best]
+        self.fin_score = merged_score[img, best]
+
+    def update_improvable(self, cur: int, max_length: int, length_penalty: float, early_stopping) -> None:
+        """HF's heuristic: can the best running beam still beat the worst finished one?"""
+        hyp = (max_length if early_stopping == "never" and length_penalty > 0 else cur) - self.p
+        best_running = self.run_score[:, :1] / np.float32(hyp**length_penalty)
+        worst_finished = np.where(self.fin_done, self.fin_score.min(axis=1, keepdims=True), NEG)
+        self.improvable &= (best_running > worst_finished).any(axis=1)
+
+
 def beam_search(
     step: Step,
     prompt: Sequence[int],
@@ -122,70 +199,18 @@ def beam_search(
 ) -> Decoded:
     """HF-equivalent beam search (one returned sequence per image) for ``n`` images starting from ``prompt``."""
     k, p = num_beams, len(prompt)
-    k2 = 2 * k  # HF keeps max(2, 1 + number of EOS ids) * num_beams candidates
-    width = max(max_length, p + 1)
-    img = np.arange(n)[:, None]
-    run_seq = np.full((n, k, width), eos, dtype=np.int64)
-    run_seq[:, :, :p] = np.asarray(prompt, dtype=np.int64)
-    run_lp = np.zeros((n, k, width - p), dtype=np.float32)  # raw log-prob of each generated token
-    run_score = np.zeros((n, k), dtype=np.float32)
-    run_score[:, 1:] = NEG  # all beams start identical: only the first may expand at step one
-    fin_seq, fin_lp = run_seq.copy(), run_lp.copy()
-    fin_score = np.full((n, k), NEG, dtype=np.float32)
-    fin_done = np.zeros((n, k), dtype=bool)
-    fin_len = np.zeros((n, k), dtype=np.int64)
-    improvable = np.ones(n, dtype=bool)
-    top_mask = np.arange(k2) < k
-
-    logits = step(run_seq[:, :, :p].reshape(n * k, p), np.arange(n * k))
+    beams = _Beams(prompt, n, k, max_length, eos)
+    logits = step(beams.run_seq[:, :, :p].reshape(n * k, p), np.arange(n * k))
     cur = p
     while True:
-        vocab = logits.shape[-1]
-        raw = log_softmax(logits)
-        scores = raw.copy()
-        if repetition_penalty != 1.0:
-            _penalise(scores, run_seq[:, :, :cur].reshape(n * k, cur), repetition_penalty)
-        if cur < min_length:
-            scores[:, eos] = -np.inf
-        acc = (scores.reshape(n, k, vocab) + run_score[:, :, None]).reshape(n, k * vocab)
-        top = np.argsort(-acc, axis=1, kind="stable")[:, :k2]
-        top_score = np.take_along_axis(acc, top, axis=1)
-        parent, token = top // vocab, top % vocab
-        cand_seq = run_seq[img, parent]
-        cand_seq[:, :, cur] = token
-        cand_lp = run_lp[img, parent]
-        cand_lp[:, :, cur - p] = raw.reshape(n, k, vocab)[img, parent, token]
+        top_score, cand_seq, cand_lp, token, parent = beams.candidates(logits, cur, repetition_penalty, min_length)
         hits = (token == eos) | (cur + 1 >= max_length)
-
-        # Running beams: the best K candidates that did not just finish.
-        masked = top_score + hits.astype(np.float32) * NEG
-        keep = np.argsort(-masked, axis=1, kind="stable")[:, :k]
-        beam_idx = (img * k + parent[img, keep]).reshape(-1)
-        run_seq, run_lp, run_score = cand_seq[img, keep], cand_lp[img, keep], masked[img, keep]
-
-        # Finished hypotheses: only candidates among the top K may enter, scored with the length penalty.
-        new_score = top_score / np.float32((cur + 1 - p) ** length_penalty)
-        if early_stopping is True:
-            new_score = new_score + fin_done.all(axis=1, keepdims=True).astype(np.float32) * NEG
-        new_score = new_score + (~improvable)[:, None].astype(np.float32) * NEG
-        just = hits & top_mask[None, :]
-        new_score = new_score + (~just).astype(np.float32) * NEG
-        merged_score = np.concatenate([fin_score, new_score], axis=1)
-        best = np.argsort(-merged_score, axis=1, kind="stable")[:, :k]
-        fin_seq = np.concatenate([fin_seq, cand_seq], axis=1)[img, best]
-        fin_lp = np.concatenate([fin_lp, cand_lp], axis=1)[img, best]
-        fin_len = np.concatenate([fin_len, np.full((n, k2), cur + 1 - p)], axis=1)[img, best]
-        fin_done = np.concatenate([fin_done, just], axis=1)[img, best]
-        fin_score = merged_score[img, best]
+        beam_idx = beams.keep_running(top_score, hits, cand_seq, cand_lp, parent)
+        beams.add_finished(top_score, hits, cand_seq, cand_lp, cur, length_penalty, early_stopping)
         cur += 1
-
-        # HF's heuristic: can the best running beam still beat the worst finished one?
-        hyp = (max_length if early_stopping == "never" and length_penalty > 0 else cur) - p
-        best_running = run_score[:, :1] / np.float32(hyp**length_penalty)
-        worst_finished = np.where(fin_done, fin_score.min(axis=1, keepdims=True), NEG)
-        improvable &= (best_running > worst_finished).any(axis=1)
-        open_beams = not (fin_done.all() and early_stopping is True)
-        if not (improvable.any() and open_beams and not hits.all()):
+        beams.update_improvable(cur, max_length, length_penalty, early_stopping)
+        open_beams = not (beams.fin_done.all() and early_stopping is True)
+        if not (beams.improvable.any() and open_beams and not hits.all()):
             break
-        logits = step(run_seq[:, :, cur - 1].reshape(n * k, 1), beam_idx)
-    return _summarise(p, fin_seq[:, 0], fin_lp[:, 0], fin_len[:, 0], eos)
+        logits = step(beams.run_seq[:, :, cur - 1].reshape(n * k, 1), beam_idx)
+    return _summarise(p, beams.fin_seq[:, 0], beams.fin_lp[:, 0], beams.fin_len[:, 0], eos)

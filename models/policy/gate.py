@@ -8,8 +8,14 @@
 3. Each metric has a declared direction (:data:`DIRECTIONS`): ``higher`` is better, ``lower`` is better, or
    ``neutral`` (reported, never decisive). The candidate passes a metric when it is no worse than the serving
    model by more than :attr:`GateConfig.tolerance` (absolute, in the metric's units), and it is refused
-   outright when its captions collapse: ``repetition_rate`` above ``max_repetition`` or ``empty_or_one_word``
-   above ``max_empty``, whatever the serving model does.
+   outright when its captions collapse: ``repetition_rate`` or ``empty_or_one_word`` above its collapse
+   ceiling, ``max(serving + collapse_margin, floor)`` with the floor ``max_repetition`` or ``max_empty``.
+   The ceiling is relative because those rates depend on the gate set as much as on the model: on a set
+   where the serving model itself gives 10% one-word captions, a fixed 5% ceiling refused every candidate,
+   however good. The floor keeps a serving model that never repeats from making 1% repetition a
+   "collapse", and is the whole ceiling when there is no serving model to compare with. The margin is
+   separate from the tolerance so that widening ``tolerance`` (the server's ``gate_tolerance``) never lets
+   a collapse through.
 4. The :class:`GateReport` says, per metric, both values and why it passed or failed.
 
 Gate sets, in order of preference (:func:`choose_gate_set`): a configured COCO file; the held-out (``test``)
@@ -53,11 +59,17 @@ GateItems = Sequence[tuple[bytes | str | Path, Sequence[str]]]  # (image, refere
 
 @dataclass(frozen=True)
 class GateConfig:
-    """How strict the gate is. Tolerances are absolute, in the metrics' units (pycocoevalcap fractions)."""
+    """How strict the gate is. Tolerances are absolute, in the metrics' units (pycocoevalcap fractions).
+
+    A collapse rate (``repetition_rate``, ``empty_or_one_word``) is refused outright above
+    ``max(serving rate + collapse_margin, floor)``, the floor being ``max_repetition`` or ``max_empty``;
+    without a serving model the ceiling is the floor alone.
+    """
 
     tolerance: float = 0.02  # a higher-is-better metric may drop (a lower-is-better one rise) this much
-    max_repetition: float = 0.05  # collapse: more repeated captions than this is refused outright
-    max_empty: float = 0.05  # collapse: more empty or one-word captions than this is refused outright
+    max_repetition: float = 0.05  # collapse floor: repeated captions up to this share are never a collapse
+    max_empty: float = 0.05  # collapse floor: empty or one-word captions up to this share are never a collapse
+    collapse_margin: float = 0.05  # collapse: a rate this far above the serving model's is refused outright
     min_feedback_images: int = 30  # held-out feedback images needed before they replace the probe set
     batch_size: int = 16
 
@@ -131,12 +143,29 @@ def measure(
     return metrics, captions
 
 
+def collapse_ceiling(metric: str, serving: float | None, config: GateConfig) -> float | None:
+    """The highest ``metric`` rate a candidate may have before it counts as collapsed (None: not a collapse
+    metric): ``max(serving + collapse_margin, floor)``, or the floor alone with no serving model."""
+    floors = {"repetition_rate": config.max_repetition, "empty_or_one_word": config.max_empty}
+    if metric not in floors:
+        return None
+    if serving is None:
+        return floors[metric]
+    # Rounded as the metrics are (6 places), so a rate exactly at serving + margin is not refused by float noise.
+    return max(round(serving + config.collapse_margin, 6), floors[metric])
+
+
 def _verdict(metric: str, new: float, old: float | None, config: GateConfig) -> MetricVerdict:
     direction = DIRECTIONS.get(metric, NEUTRAL)
     tol = config.tolerance
-    ceilings = {"repetition_rate": config.max_repetition, "empty_or_one_word": config.max_empty}
-    if metric in ceilings and new > ceilings[metric]:
-        return MetricVerdict(metric, direction, new, old, False, f"{new:.4f} > {ceilings[metric]} (collapse)")
+    ceiling = collapse_ceiling(metric, old, config)
+    if ceiling is not None and new > ceiling:
+        if old is None:
+            why = f"{new:.4f} > {ceiling} (collapse)"
+        else:
+            floor = collapse_ceiling(metric, None, config)
+            why = f"{new:.4f} > {ceiling:.4f} = max(serving {old:.4f} + {config.collapse_margin}, {floor}) (collapse)"
+        return MetricVerdict(metric, direction, new, old, False, why)
     if direction == NEUTRAL or old is None:
         return MetricVerdict(metric, direction, new, old, True, "not compared (neutral)")
     if direction == HIGHER:

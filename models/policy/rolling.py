@@ -15,6 +15,15 @@ images it touches:
 
 The window is the ``window`` images that most recently got their first references; more references for an
 image already in it update it in place (they do not move it to the front).
+
+:meth:`RollingScores.scores` says what the numbers come from (``images``, ``references``) and reports CIDEr
+only from :data:`MIN_CIDER_IMAGES` images on. CIDEr weighs each n-gram by ``log(images / images whose
+references hold it)``: over one image every weight is 0, so CIDEr reads 0 whatever the captions, and over
+a handful the words the images share weigh nothing and the rest at most ``log(images)``, so the value moves
+with which few images happen to have references more than with the captions. From 10 images a word in one
+image's references weighs ``log 10`` (2.3) against 0 for a word in all of them, and one image is a tenth of
+the mean. (10 is a judgement, not a derivation. A window under 10 images never reports CIDEr.) BLEU-4 has
+no corpus weights and is reported from the first image.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from dataclasses import dataclass, field
 from reefcap.models.metrics import bleu_from_stats, bleu_stats, cider_image, ngrams, tokenize
 
 N = 4
+MIN_CIDER_IMAGES = 10  # images with references before CIDEr is reported (see the module docstring)
 
 
 @dataclass
@@ -47,14 +57,18 @@ class _Image:
 
 
 class RollingScores:
-    """Corpus BLEU-4 and CIDEr of one model's captions over a window of images (see the module docstring)."""
+    """Corpus BLEU-4 and CIDEr of one model's captions over a window of images (see the module docstring).
 
-    def __init__(self, window: int, refresh: int = 16) -> None:
-        self.window, self.refresh = window, refresh
+    ``min_cider_images``: images with references before :meth:`scores` reports CIDEr (it is kept up to date
+    below that all the same, so it is exact the moment it is reported)."""
+
+    def __init__(self, window: int, refresh: int = 16, min_cider_images: int = MIN_CIDER_IMAGES) -> None:
+        self.window, self.refresh, self.min_cider_images = window, refresh, min_cider_images
         self._images: OrderedDict[Hashable, _Image] = OrderedDict()
         self._stale: deque[Hashable] = deque()  # rescoring order: scored longest ago first
         self._doc_freq: Counter = Counter()
         self._test_len = self._ref_len = 0
+        self._references = 0  # reference captions over the window's images
         self._correct, self._guess = [0] * N, [0] * N
 
     def __len__(self) -> int:
@@ -80,15 +94,18 @@ class RollingScores:
         if rescore:
             self._rescore(key)
 
-    def scores(self) -> dict[str, float]:
-        """``{"Bleu_4", "CIDEr", "images"}``, or {} with no image yet."""
+    def scores(self) -> dict[str, float | int]:
+        """``{"images", "references", "Bleu_4", "CIDEr"}``: the window's image and reference counts, then the
+        scores; ``Bleu_4`` absent with no image yet, ``CIDEr`` below ``min_cider_images`` images."""
+        out: dict[str, float | int] = {"images": len(self._images), "references": self._references}
         if not self._images:
-            return {}
-        bleu4 = bleu_from_stats(self._test_len, self._ref_len, self._correct, self._guess)[3]
-        cider = sum(im.cider for im in self._images.values()) / len(self._images)
-        return {"Bleu_4": bleu4, "CIDEr": cider, "images": float(len(self._images))}
+            return out
+        out["Bleu_4"] = bleu_from_stats(self._test_len, self._ref_len, self._correct, self._guess)[3]
+        if len(self._images) >= self.min_cider_images:
+            out["CIDEr"] = sum(im.cider for im in self._images.values()) / len(self._images)
+        return out
 
-    def exact(self) -> dict[str, float]:
+    def exact(self) -> dict[str, float | int]:
         """Rescore every image against the current document frequencies (cost: the whole window)."""
         log_refs = math.log(float(len(self._images))) if self._images else 0.0
         for im in self._images.values():
@@ -98,6 +115,7 @@ class RollingScores:
     def _account(self, image: _Image, sign: int) -> None:
         test_len, ref_len, correct, guess = image.bleu
         self._test_len += sign * test_len
+        self._references += sign * len(image.refs)
         self._ref_len += sign * ref_len
         self._correct = [a + sign * b for a, b in zip(self._correct, correct, strict=True)]
         self._guess = [a + sign * b for a, b in zip(self._guess, guess, strict=True)]

@@ -1,321 +1,20 @@
 """Draw a ReefScenes layout in air: an RGB image and a per-pixel relative range map (PIL + numpy only).
 
-Objects are painted far to near; each pixel remembers which object covered it last, which gives the range
-map the underwater renderer needs. Drawing happens at twice the size and is downsampled, for smooth edges.
+Backgrounds and compositing live here; the subjects themselves are drawn by
+:mod:`reefcap.models.reefscenes.subjects`. Objects are painted far to near; each pixel remembers which object
+covered it last, which gives the range map the underwater renderer needs. Drawing happens at twice the size and
+is downsampled, for smooth edges.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from reefcap.models.reefscenes.scenes import CATALOGUE, COLOURS
+from reefcap.models.reefscenes.subjects import DRAW, Painter, jitter, shade
 
-SUPERSAMPLE = 2
 FAR = 1000.0  # relative range of open water beyond the scene (the renderer clips it to its far range)
-
-
-def _shade(rgb, factor: float) -> tuple[int, int, int]:
-    return tuple(int(np.clip(c * factor, 0, 255)) for c in rgb)
-
-
-def _jitter(rng, rgb, amount: float = 0.12) -> tuple[int, int, int]:
-    return _shade(rgb, 1 + rng.uniform(-amount, amount))
-
-
-class Painter:
-    """Draws on the colour canvas and, with the current object's label, on the label canvas."""
-
-    def __init__(self, size: int):
-        self.size = size * SUPERSAMPLE
-        self.rgb = Image.new("RGB", (self.size, self.size))
-        self.labels = Image.new("L", (self.size, self.size), 0)
-        self.d = ImageDraw.Draw(self.rgb)
-        self.m = ImageDraw.Draw(self.labels)
-        self.label = 0
-
-    def px(self, v: float) -> float:
-        return v * self.size
-
-    def ellipse(self, cx, cy, rx, ry, fill, label=True):
-        box = (cx - rx, cy - ry, cx + rx, cy + ry)
-        self.d.ellipse(box, fill=fill)
-        if label:
-            self.m.ellipse(box, fill=self.label)
-
-    def polygon(self, pts, fill, label=True):
-        self.d.polygon(pts, fill=fill)
-        if label:
-            self.m.polygon(pts, fill=self.label)
-
-    def line(self, pts, fill, width, label=True):
-        self.d.line(pts, fill=fill, width=max(1, int(width)), joint="curve")
-        if label:
-            self.m.line(pts, fill=self.label, width=max(1, int(width)))
-
-
-# --- subjects ------------------------------------------------------------------------------------------------
-
-
-def _fish(p: Painter, cx, cy, length, col, facing, rng, variant):
-    tall = {"angelfish": 0.75, "pufferfish": 0.6, "barracuda": 0.18, "clownfish": 0.42}.get(variant, 0.4)
-    if variant == "angelfish":  # its fins make it taller than long: keep it inside the frame
-        length *= 0.7
-    rx, ry = length / 2, length * tall / 2
-    tail_x = cx - facing * rx * 0.9
-    p.polygon(
-        [(tail_x, cy), (tail_x - facing * rx * 0.6, cy - ry * 0.8), (tail_x - facing * rx * 0.6, cy + ry * 0.8)],
-        _shade(col, 0.8),
-    )
-    if variant == "angelfish":  # long dorsal and anal fins
-        p.polygon(
-            [(cx, cy - ry * 0.8), (cx - facing * rx * 0.9, cy - ry * 1.9), (cx - facing * rx * 0.5, cy)],
-            _shade(col, 0.85),
-        )
-        p.polygon(
-            [(cx, cy + ry * 0.8), (cx - facing * rx * 0.9, cy + ry * 1.9), (cx - facing * rx * 0.5, cy)],
-            _shade(col, 0.85),
-        )
-    p.ellipse(cx, cy, rx, ry, col)
-    p.ellipse(cx, cy + ry * 0.3, rx * 0.8, ry * 0.45, _shade(col, 1.15))  # lighter belly
-    if variant == "clownfish":
-        for off in (0.45, 0.0, -0.5):
-            bx = cx + facing * rx * off
-            p.polygon(
-                [
-                    (bx - rx * 0.08, cy - ry),
-                    (bx + rx * 0.08, cy - ry),
-                    (bx + rx * 0.08, cy + ry),
-                    (bx - rx * 0.08, cy + ry),
-                ],
-                COLOURS["white"],
-            )
-    elif variant in ("reef fish", "angelfish") and rng.random() < 0.6:
-        stripe = _jitter(rng, COLOURS[str(rng.choice(["black", "white", "blue", "yellow"]))])
-        for k in range(int(rng.integers(2, 5))):
-            bx = cx + facing * rx * (0.5 - 0.3 * k)
-            p.line([(bx, cy - ry * 0.8), (bx, cy + ry * 0.8)], stripe, rx * 0.12)
-    elif variant == "pufferfish":
-        for a in np.linspace(0, 2 * math.pi, 14, endpoint=False):
-            p.line(
-                [
-                    (cx + rx * math.cos(a), cy + ry * math.sin(a)),
-                    (cx + rx * 1.2 * math.cos(a), cy + ry * 1.2 * math.sin(a)),
-                ],
-                _shade(col, 0.6),
-                2,
-            )
-    ex = cx + facing * rx * 0.6
-    p.ellipse(ex, cy - ry * 0.2, ry * 0.16, ry * 0.16, (245, 245, 240))
-    p.ellipse(ex, cy - ry * 0.2, ry * 0.08, ry * 0.08, (15, 15, 15))
-
-
-def _turtle(p, cx, cy, length, col, facing, rng, variant):
-    rx, ry = length * 0.38, length * 0.28
-    skin = _shade(col, 1.25)
-    for sx, sy in ((0.55, -0.9), (0.55, 0.9), (-0.6, -0.7), (-0.6, 0.7)):
-        fx, fy = cx + facing * rx * sx, cy + ry * sy
-        p.ellipse(fx + facing * rx * 0.2, fy + ry * 0.25 * np.sign(sy), rx * 0.45, ry * 0.28, skin)
-    p.ellipse(cx + facing * rx * 1.15, cy, rx * 0.3, ry * 0.32, skin)
-    p.ellipse(cx, cy, rx, ry, col)
-    for k in range(6):  # shell plates
-        a = k * math.pi / 3
-        p.ellipse(cx + rx * 0.45 * math.cos(a), cy + ry * 0.45 * math.sin(a), rx * 0.22, ry * 0.22, _shade(col, 0.75))
-    p.ellipse(cx, cy, rx * 0.25, ry * 0.25, _shade(col, 0.8))
-
-
-def _ray(p, cx, cy, length, col, facing, rng, variant):
-    w, h = length * 0.55, length * 0.32
-    p.line(
-        [(cx - facing * w * 0.3, cy), (cx - facing * w * 1.4, cy + h * 0.2)], _shade(col, 0.7), max(2, length * 0.03)
-    )
-    pts = [(cx + facing * w * 0.5, cy), (cx, cy - h), (cx - facing * w * 0.4, cy), (cx, cy + h)]
-    if variant == "manta ray":
-        pts = [
-            (cx + facing * w * 0.35, cy),
-            (cx - facing * w * 0.1, cy - h * 1.5),
-            (cx - facing * w * 0.35, cy),
-            (cx - facing * w * 0.1, cy + h * 1.5),
-        ]
-    p.polygon(pts, col)
-    for _ in range(int(12 * (variant == "stingray"))):
-        p.ellipse(
-            cx + rng.uniform(-0.25, 0.2) * w, cy + rng.uniform(-0.45, 0.45) * h, w * 0.04, w * 0.04, COLOURS["white"]
-        )
-
-
-def _shark(p, cx, cy, length, col, facing, rng, variant):
-    rx, ry = length / 2, length * 0.11
-    p.polygon(
-        [
-            (cx - facing * rx * 0.95, cy),
-            (cx - facing * rx * 1.3, cy - ry * 2.2),
-            (cx - facing * rx * 1.15, cy + ry * 1.5),
-        ],
-        col,
-    )
-    p.polygon(
-        [(cx, cy - ry * 0.8), (cx - facing * rx * 0.25, cy - ry * 2.6), (cx - facing * rx * 0.35, cy - ry * 0.5)],
-        _shade(col, 0.85),
-    )
-    p.polygon(
-        [
-            (cx + facing * rx * 0.2, cy + ry * 0.5),
-            (cx - facing * rx * 0.05, cy + ry * 2.0),
-            (cx - facing * rx * 0.1, cy + ry * 0.6),
-        ],
-        _shade(col, 0.85),
-    )
-    p.ellipse(cx, cy, rx, ry, col)
-    p.ellipse(cx, cy + ry * 0.4, rx * 0.85, ry * 0.5, (226, 226, 222))
-    p.ellipse(cx + facing * rx * 0.72, cy - ry * 0.2, ry * 0.15, ry * 0.15, (10, 10, 10))
-
-
-def _jellyfish(p, cx, cy, length, col, facing, rng, variant):
-    r = length * 0.3
-    for k in range(7):
-        x0 = cx - r * 0.8 + k * r * 1.6 / 6
-        pts = [(x0 + math.sin(t * 1.5 + k) * r * 0.15, cy + t * r * 0.5) for t in range(6)]
-        p.line(pts, _shade(col, 0.85), max(1, length * 0.02))
-    p.d.pieslice((cx - r, cy - r, cx + r, cy + r), 180, 360, fill=col)
-    p.m.pieslice((cx - r, cy - r, cx + r, cy + r), 180, 360, fill=p.label)
-    p.ellipse(cx, cy - r * 0.4, r * 0.4, r * 0.25, _shade(col, 1.2))
-
-
-def _diver(p, cx, cy, length, col, facing, rng, variant):
-    suit, L = col, length
-    head = (cx + facing * L * 0.42, cy - L * 0.02)
-    p.line([(cx - facing * L * 0.2, cy), (cx - facing * L * 0.45, cy + L * 0.05)], suit, L * 0.07)  # legs
-    p.polygon(
-        [(cx - facing * L * 0.43, cy), (cx - facing * L * 0.6, cy - L * 0.04), (cx - facing * L * 0.6, cy + L * 0.14)],
-        _jitter(rng, COLOURS["yellow"]),
-    )  # fins
-    p.ellipse(cx + facing * L * 0.1, cy, L * 0.3, L * 0.08, suit)  # torso
-    p.ellipse(cx + facing * L * 0.05, cy - L * 0.09, L * 0.18, L * 0.045, COLOURS["yellow"])  # tank
-    p.line([(cx + facing * L * 0.25, cy), (cx + facing * L * 0.5, cy + L * 0.1)], col, L * 0.05)  # arm
-    p.ellipse(*head, L * 0.07, L * 0.065, suit)
-    p.ellipse(head[0] + facing * L * 0.03, head[1], L * 0.035, L * 0.03, (150, 200, 230))  # mask
-    for k in range(4):  # bubbles rising
-        p.ellipse(
-            head[0] + rng.uniform(-0.03, 0.03) * L,
-            head[1] - L * (0.12 + 0.1 * k),
-            L * 0.015,
-            L * 0.015,
-            (235, 240, 245),
-            label=False,
-        )
-
-
-def _starfish(p, cx, cy, length, col, facing, rng, variant):
-    r, spin = length / 2, rng.uniform(0, math.pi)
-    pts = []
-    for k in range(10):
-        a = spin + k * math.pi / 5
-        rr = r if k % 2 == 0 else r * 0.38
-        pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a) * 0.6))
-    p.polygon(pts, col)
-    for _ in range(8):
-        p.ellipse(
-            cx + rng.uniform(-0.3, 0.3) * r, cy + rng.uniform(-0.15, 0.15) * r, r * 0.04, r * 0.04, _shade(col, 1.3)
-        )
-
-
-def _anemone(p, cx, cy, length, col, facing, rng, variant):
-    r = length / 2
-    p.ellipse(cx, cy, r * 0.45, r * 0.3, _shade(col, 0.7))
-    for k in range(18):
-        a = math.pi + k * math.pi / 17
-        tip = (cx + r * math.cos(a) * rng.uniform(0.8, 1.1), cy + r * 0.9 * math.sin(a) * rng.uniform(0.8, 1.1))
-        p.line([(cx, cy - r * 0.1), tip], _jitter(rng, col, 0.2), r * 0.1)
-        p.ellipse(*tip, r * 0.06, r * 0.06, _shade(col, 1.3))
-
-
-def _coral(p, cx, cy, length, col, facing, rng, variant):
-    r = length / 2
-    if variant == "brain coral":
-        p.ellipse(cx, cy - r * 0.4, r, r * 0.7, col)
-        for k in range(6):
-            y = cy - r * 0.95 + k * r * 0.23
-            pts = [(cx - r * 0.8 + t * r * 0.16, y + math.sin(t * 1.7 + k) * r * 0.06) for t in range(11)]
-            p.line(pts, _shade(col, 0.65), max(1, r * 0.05))
-    elif variant == "table coral":
-        p.line([(cx, cy), (cx, cy - r * 0.6)], _shade(col, 0.8), r * 0.2)
-        p.ellipse(cx, cy - r * 0.7, r * 1.1, r * 0.22, col)
-    else:  # branching coral and sea fans grow from one point
-        n, spread = (9, 1.2) if variant == "sea fan" else (7, 1.0)
-        for k in range(n):
-            a = -math.pi / 2 + (k / (n - 1) - 0.5) * spread * 1.6
-            tip = (cx + math.cos(a) * r, cy - r * 0.1 + math.sin(a) * r * 1.2)
-            p.line([(cx, cy), tip], _jitter(rng, col, 0.15), r * (0.05 if variant == "sea fan" else 0.14))
-            if variant != "sea fan":
-                mid = ((cx + tip[0]) / 2, (cy + tip[1]) / 2)
-                p.line(
-                    [mid, (mid[0] + r * 0.25 * math.cos(a + 0.6), mid[1] + r * 0.25 * math.sin(a + 0.6))], col, r * 0.1
-                )
-        if variant == "sea fan":
-            for k in range(1, 5):
-                p.d.arc(
-                    (cx - r * k / 4, cy - r * 1.2 * k / 4, cx + r * k / 4, cy + r * 1.2 * k / 4),
-                    200,
-                    340,
-                    fill=col,
-                    width=2,
-                )
-
-
-def _kelp(p, cx, cy, length, col, facing, rng, variant):
-    for _ in range(int(rng.integers(2, 5))):
-        x0, phase = cx + rng.uniform(-0.2, 0.2) * length, rng.uniform(0, 6)
-        pts = [(x0 + math.sin(phase + t * 0.8) * length * 0.05, cy - t * length / 10) for t in range(11)]
-        p.line(pts, _jitter(rng, col, 0.2), length * 0.035)
-        for t in range(2, 10, 2):
-            p.ellipse(pts[t][0] + length * 0.04, pts[t][1], length * 0.05, length * 0.02, col)
-
-
-def _rock(p, cx, cy, length, col, facing, rng, variant):
-    r = length / 2
-    pts = [
-        (cx + r * math.cos(a) * rng.uniform(0.8, 1.1), cy - r * 0.3 + r * 0.6 * math.sin(a) * rng.uniform(0.8, 1.1))
-        for a in np.linspace(0, 2 * math.pi, 9)[:-1]
-    ]
-    p.polygon(pts, col)
-    p.ellipse(cx - r * 0.2, cy - r * 0.5, r * 0.4, r * 0.15, _shade(col, 1.2))
-
-
-def _wreck(p, cx, cy, length, col, facing, rng, variant):
-    w, h = length / 2, length * 0.16
-    hull = [(cx - w, cy - h), (cx + w, cy - h * 1.4), (cx + w * 0.8, cy + h * 0.3), (cx - w * 0.85, cy + h * 0.3)]
-    p.polygon(hull, col)
-    p.polygon(
-        [
-            (cx - w * 0.4, cy - h),
-            (cx + w * 0.1, cy - h * 1.1),
-            (cx + w * 0.1, cy - h * 2),
-            (cx - w * 0.35, cy - h * 1.9),
-        ],
-        _shade(col, 0.8),
-    )
-    p.line([(cx + w * 0.4, cy - h * 1.3), (cx + w * 0.5, cy - h * 3.5)], _shade(col, 0.7), h * 0.15)
-    for k in range(5):
-        p.ellipse(cx - w * 0.6 + k * w * 0.3, cy - h * 0.4, h * 0.12, h * 0.12, (40, 30, 25))
-
-
-DRAW = {
-    "fish": _fish,
-    "turtle": _turtle,
-    "ray": _ray,
-    "shark": _shark,
-    "jellyfish": _jellyfish,
-    "diver": _diver,
-    "starfish": _starfish,
-    "anemone": _anemone,
-    "coral": _coral,
-    "kelp": _kelp,
-    "rock": _rock,
-    "wreck": _wreck,
-}
 
 
 # --- backgrounds ----------------------------------------------------------------------------------------------
@@ -336,7 +35,7 @@ def _background(p: Painter, scene: dict, rng: np.random.Generator) -> None:
         for _ in range(n // 3):
             x, y = rng.uniform(0, s), rng.uniform(hy, s)
             r = s * 0.05 * ((y - hy) / max(s - hy, 1) * 0.9 + 0.1) * rng.uniform(0.5, 1.5)
-            p.d.ellipse((x - r, y - r * 0.5, x + r, y + r * 0.5), fill=_jitter(rng, (28, 24, 22), 0.3))
+            p.d.ellipse((x - r, y - r * 0.5, x + r, y + r * 0.5), fill=jitter(rng, (28, 24, 22), 0.3))
     palette = [COLOURS[c] for c in ("orange", "pink", "purple", "yellow", "green", "brown", "red")]
     for _ in range(n):
         y = rng.uniform(hy, s)
@@ -345,18 +44,18 @@ def _background(p: Painter, scene: dict, rng: np.random.Generator) -> None:
         if scene["background"] == "sand":  # ripples and shells
             p.d.line(
                 [(x, y), (x + s * 0.12 * scale, y + rng.uniform(-2, 2))],
-                fill=_shade(base, 0.85),
+                fill=shade(base, 0.85),
                 width=max(1, int(3 * scale)),
             )
         elif scene["background"] == "reef":  # small coral heads of many colours
             r = s * 0.03 * scale * rng.uniform(0.5, 1.5)
             p.d.ellipse(
                 (x - r, y - r * 0.7, x + r, y + r * 0.7),
-                fill=_jitter(rng, palette[int(rng.integers(len(palette)))], 0.25),
+                fill=jitter(rng, palette[int(rng.integers(len(palette)))], 0.25),
             )
         else:  # stones
             r = s * 0.04 * scale * rng.uniform(0.5, 1.5)
-            p.d.ellipse((x - r, y - r * 0.6, x + r, y + r * 0.6), fill=_jitter(rng, base, 0.3))
+            p.d.ellipse((x - r, y - r * 0.6, x + r, y + r * 0.6), fill=jitter(rng, base, 0.3))
 
 
 def _floor_range(scene: dict, h: int) -> np.ndarray:
@@ -386,7 +85,7 @@ def paint(scene: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     for label, (inst, g) in enumerate(items, 1):
         p.label = label
         ranges.append(inst["rel_range"])
-        col = _jitter(np.random.default_rng(inst["seed"]), COLOURS[g["colour"]], 0.08)
+        col = jitter(np.random.default_rng(inst["seed"]), COLOURS[g["colour"]], 0.08)
         DRAW[g["kind"]](
             p,
             p.px(inst["x"]),
