@@ -17,7 +17,7 @@ from .admin import public_info
 from .bodies import JSON, MULTIPART, Text, b64_image, media_type, multipart_parts, parse_body_json, validated
 from .gateway import ApiError, parse_json
 from .openapi import errors, json_body, request_body
-from .page import PAGE
+from .page import PAGE, PAGE_HEADERS
 
 router = APIRouter()
 
@@ -146,7 +146,7 @@ def _as_list(value: Any) -> list:
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page() -> HTMLResponse:
-    return HTMLResponse(PAGE)
+    return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
 
 @router.get("/healthz", responses=errors(405, 500))
