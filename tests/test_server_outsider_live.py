@@ -74,6 +74,22 @@ def test_a_link_out_of_models_dir_is_not_followed(server):
     assert primary["role"] == "primary" and primary["name"] != "outside-model"
 
 
+def test_links_inside_models_dir_are_followed_and_files_linked_out_are_not(tiny_model, tmp_path):
+    from reefcap.server.admin import reload_target
+    from reefcap.server.gateway import ApiError
+
+    root = tmp_path / "models"
+    release = copy_model(tiny_model, root / "releases" / "v4")
+    (root / "v4").symlink_to(release, target_is_directory=True)
+    assert reload_target("v4", root, "primary") == str(release.resolve())  # what loads is the real folder
+    sneaky = copy_model(tiny_model, root / "sneaky")  # a folder inside whose weights are a link out
+    (sneaky / "model.safetensors").unlink()
+    (sneaky / "model.safetensors").symlink_to(tiny_model / "model.safetensors")
+    with pytest.raises(ApiError) as refused:
+        reload_target("sneaky", root, "primary")
+    assert (refused.value.status, refused.value.code) == (404, "unknown_model")
+
+
 def test_two_authorization_headers_are_refused(server):
     # Before: the last one won, so a wrong key followed by the right one answered 200.
     for keys in (("wrong", KEY), (KEY, "wrong"), (KEY, KEY)):
