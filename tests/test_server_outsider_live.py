@@ -10,6 +10,7 @@ bodies (7), and a burst past the connection limit (8, last: it loads the server 
 from __future__ import annotations
 
 import asyncio
+import collections
 import base64
 import json
 import re
@@ -294,6 +295,7 @@ def test_a_burst_past_the_connection_limit_gets_answers_not_closed_sockets(serve
         )
 
     answers = asyncio.run(burst())
+    print("BURST", sorted(collections.Counter(map(str, (s for s, _ in answers))).items()))
     statuses = [status for status, _ in answers]
     bad = [s for s in statuses if s not in (200, 429, 503)]
     assert not bad, f"{len(bad)} of 600 got no HTTP answer: {sorted(set(map(str, bad)))}"
