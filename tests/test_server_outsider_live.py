@@ -10,8 +10,8 @@ bodies (7), and a burst past the connection limit (8, last: it loads the server 
 from __future__ import annotations
 
 import asyncio
-import collections
 import base64
+import collections
 import json
 import re
 import socket
@@ -295,11 +295,10 @@ def test_a_burst_past_the_connection_limit_gets_answers_not_closed_sockets(serve
         )
 
     answers = asyncio.run(burst())
-    print("BURST", sorted(collections.Counter(map(str, (s for s, _ in answers))).items()))
     statuses = [status for status, _ in answers]
-    bad = [s for s in statuses if s not in (200, 429, 503)]
-    assert not bad, f"{len(bad)} of 600 got no HTTP answer: {sorted(set(map(str, bad)))}"
+    counts = collections.Counter(map(str, statuses))
+    assert set(counts) <= {"200", "429", "503"}, f"some of 600 got no HTTP answer: {counts}"
     assert all("retry-after" in h for s, h in answers if s in (429, 503))
-    assert statuses.count(200) >= 100, statuses.count(200)
+    assert counts["200"] >= 100, counts  # the first max_connections (128) are served
     r = httpx.post(server.url + "/v1/captions", files=[("images", ("a.png", png_bytes()))], headers=AUTH)
     assert r.status_code == 200, r.text
