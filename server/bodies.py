@@ -72,20 +72,20 @@ def too_many_images(limit: int) -> ApiError:
     return ApiError(413, "too_many_images", f"at most {limit} images per request")
 
 
-async def read_form(request: Any, max_images: int) -> Any:
+async def read_form(request: Any, max_images: int, max_field_bytes: int) -> Any:
     """The multipart form of ``request``, its refusals in the server's words.
 
     Starlette stops counting at ``max_files`` (the images and an ``options`` file) and says so in its own words,
-    with a 400: past that, the same 413 as a JSON body with too many images. A text part (``options`` as a field)
-    is held to the same bound as an ``options`` file."""
+    with a 400: past that, the same 413 as a JSON body with too many images; a text field over
+    ``max_field_bytes`` is a 413 too, as every size limit is."""
     try:
-        return await request.form(max_files=max_images + 1, max_part_size=MAX_OPTIONS_PART)
+        return await request.form(max_files=max_images + 1, max_part_size=max_field_bytes)
     except StarletteHTTPException as exc:
         detail = str(exc.detail)
         if detail.startswith("Too many files"):
             raise too_many_images(max_images) from None
         if detail.startswith(("Part exceeded", "Field exceeded")):
-            raise ApiError(413, "request_too_large", f"the 'options' part exceeds {MAX_OPTIONS_PART} bytes") from None
+            raise ApiError(413, "request_too_large", f"a form field exceeds {max_field_bytes} bytes") from None
         raise ApiError(400, "invalid_multipart", detail) from None
 
 

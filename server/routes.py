@@ -148,7 +148,8 @@ async def _caption_request(request: Request) -> tuple[list[bytes], dict[str, Any
     """The uploads and decoding options of a multipart or JSON ``/v1/captions`` request."""
     ctype = media_type(request.headers.get("content-type"))
     if ctype == MULTIPART:
-        form = await read_form(request, request.app.state.settings.max_images_per_request)
+        limits = request.app.state.settings
+        form = await read_form(request, limits.max_images_per_request, limits.max_image_bytes)
         uploads, raw_options = await multipart_parts(form)
         options = None
         if raw_options is not None:
