@@ -259,6 +259,7 @@ def secret_fields() -> list[str]:
 
 
 def env_name(field: str) -> str:
+    """The variable that sets ``field``: ``REEFCAP_MAX_PIXELS``."""
     return ENV_PREFIX + field.upper()
 
 
