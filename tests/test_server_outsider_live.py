@@ -135,7 +135,8 @@ def test_page_and_docs_work_in_chromium_under_their_policies(server):
         page.on("request", lambda req: None if req.url.startswith(server.url) else elsewhere.append(req.url))
         page.add_init_script(watch)
         page.goto(server.url + "/")
-        page.wait_for_function("document.querySelector('#scores-status').textContent.includes('unauthorized')")
+        # A function, not an expression: playwright would eval() an expression in the page, which its CSP forbids.
+        page.wait_for_function("() => document.querySelector('#scores-status').textContent.includes('unauthorized')")
         assert page.evaluate("window.__csp") == []
         page.set_extra_http_headers(AUTH)
         page.goto(server.url + "/docs")
