@@ -71,6 +71,14 @@ def _source(args: argparse.Namespace, options: Any, config: Any):
     return BatchCaptioner(policy, args.batch_size, options, args.workers, quality=args.quality).run_batches
 
 
+def _check_server(args: argparse.Namespace) -> None:
+    """--server: reachable and taking the key, before a results file is touched or a line written (else exit 2)."""
+    from .http import ReefcapClient, check_server
+
+    with ReefcapClient(args.server, api_key=args.api_key, timeout=args.timeout) as client:
+        check_server(client)
+
+
 def _caption(args: argparse.Namespace) -> int:
     from .inputs import expand_inputs
     from .progress import Progress
@@ -78,6 +86,8 @@ def _caption(args: argparse.Namespace) -> int:
 
     options, config = _checked(args)
     inputs = expand_inputs(args.paths)
+    if args.server:
+        _check_server(args)
     writer = ResultsWriter(args.output, resume=args.resume, overwrite=args.overwrite) if args.output else None
     todo = [i.image for i in inputs if writer is None or i.image not in writer.done]
 

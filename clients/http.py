@@ -208,6 +208,24 @@ class ReefcapClient(_Base):
         self.close()
 
 
+def check_server(client: ReefcapClient) -> None:
+    """Raise :class:`ReefcapError` (one line naming the URL) unless the server at ``client.base_url`` answers and
+    takes the client's key. One ``GET /v1/models``, no retries: a batch run calls it before its first image, so a
+    mistyped URL or key stops it at once, not once per image (429/503 pass: the per-image retries wait those out)."""
+    url = client.base_url
+    try:
+        response = client._http.get("/v1/models")
+    except httpx.TimeoutException:
+        raise ReefcapError(f"the server at {url} did not answer within {client.timeout:g} s") from None
+    except httpx.HTTPError as exc:
+        raise ReefcapError(f"cannot reach the server at {url} ({type(exc).__name__}: {exc})") from None
+    if response.status_code == 401:
+        given = "refused the API key given" if client.headers else "needs an API key"
+        raise ReefcapError(f"the server at {url} {given} (pass --api-key or set REEFCAP_API_KEY)")
+    if response.status_code >= 300 and response.status_code not in RETRY_STATUS:
+        raise ReefcapError(f"{url} does not answer like a reefcap server (GET /v1/models: HTTP {response.status_code})")
+
+
 class AsyncReefcapClient(_Base):
     """asyncio client with the same behaviour as :class:`ReefcapClient`."""
 

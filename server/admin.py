@@ -9,6 +9,7 @@ the route cannot be used to probe the filesystem, and nothing is exported or loa
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,12 @@ class ReloadBody(BaseModel):
     """``model``: the name of the model to load; omitted, the current primary is re-read from disk."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, max_length=200, examples=["reef-v3"])
+    # No length bound here: a name too long for MODEL_NAME is unknown like any other (404), not a schema error.
+    model: str | None = Field(
+        None,
+        examples=["reef-v3"],
+        description="letters, digits, '.', '_', '-', at most 100, not starting with '.'; other names are unknown",
+    )
 
 
 def _primary_name(configured: str) -> str | None:
@@ -58,7 +64,11 @@ def reload_target(name: str, models_dir: Path | None, primary: str) -> str:
         candidate = models_dir.expanduser() / name
         try:
             if (candidate / "config.json").is_file():
-                return str(candidate)
+                real = _inside(candidate, models_dir.expanduser())
+                if real is None:
+                    log.warning("reload of %r refused: it links out of the models directory", name)
+                    raise unknown
+                return str(real)
         except OSError:  # a name too long for the filesystem, a permission error: unknown like any other
             pass
     if name in zoo_models():
@@ -66,6 +76,22 @@ def reload_target(name: str, models_dir: Path | None, primary: str) -> str:
     if name == _primary_name(primary):
         return primary
     raise unknown
+
+
+def _inside(candidate: Path, root: Path) -> Path | None:
+    """``candidate``'s real path if it and every file and folder in it resolve inside ``root``, else None.
+
+    Links inside ``models_dir`` are followed (``v4 -> releases/v4``); one that leads out of it, for the folder or
+    any file in it, would load a model from wherever the link points, so the name is unknown. The real path is
+    what loads: a link changed after this check is not followed again."""
+    top = root.resolve()
+    real = candidate.resolve()
+    if not real.is_relative_to(top):
+        return None
+    for folder, dirs, files in os.walk(real):  # followlinks=False: a linked subfolder is checked as an entry
+        if any(not (Path(folder) / entry).resolve().is_relative_to(top) for entry in (*dirs, *files)):
+            return None
+    return real
 
 
 def public_info(info: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -85,11 +111,8 @@ async def reload(request: Request) -> dict[str, Any]:
     runtime = request.app.state.runtime
     runtime.ready_service()
     raw = await request.body()
-    body = (
-        validated(ReloadBody, parse_body_json(request.headers.get("content-type"), raw))
-        if raw.strip()
-        else ReloadBody()
-    )
+    # No body at all (`curl -X POST`) re-reads the primary; any body must be JSON, so 5 MB of spaces is a 400.
+    body = validated(ReloadBody, parse_body_json(request.headers.get("content-type"), raw)) if raw else ReloadBody()
     settings = request.app.state.settings
     target = None if body.model is None else reload_target(body.model, settings.models_dir, settings.model)
     try:

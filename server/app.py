@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .admin import ReloadBody, admin_router
+from .docs import docs_router
 from .feedback import FeedbackStore
 from .gateway import PUBLIC_PATHS, ApiError, Gateway, install_error_handlers
 from .limits import BodyLimits
@@ -101,10 +102,12 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="reefcap", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # /docs is docs.py's: Swagger UI from the installed package under a CSP, not FastAPI's page loading a CDN.
+    app = FastAPI(title="reefcap", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics, app.state.settings, app.state.runtime = metrics, settings, runtime
     install_error_handlers(app, settings.retry_after_s)
     app.include_router(router)
+    app.include_router(docs_router)
     if settings.admin_key:  # otherwise not mounted: answered as a missing route, and left out of the schema
         app.include_router(admin_router)
     install_openapi(app, [*SCHEMA_MODELS, ReloadBody], bool(settings.api_key), PUBLIC_PATHS)

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .gateway import ApiError, parse_json
 
@@ -64,6 +65,28 @@ def b64_image(data: str, index: int) -> bytes:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "invalid_base64", f"image {index}: data is not valid base64") from None
+
+
+def too_many_images(limit: int) -> ApiError:
+    """The one answer to a request with more than ``limit`` images, whatever its content type."""
+    return ApiError(413, "too_many_images", f"at most {limit} images per request")
+
+
+async def read_form(request: Any, max_images: int, max_field_bytes: int) -> Any:
+    """The multipart form of ``request``, its refusals in the server's words.
+
+    Starlette stops counting at ``max_files`` (the images and an ``options`` file) and says so in its own words,
+    with a 400: past that, the same 413 as a JSON body with too many images; a text field over
+    ``max_field_bytes`` is a 413 too, as every size limit is."""
+    try:
+        return await request.form(max_files=max_images + 1, max_part_size=max_field_bytes)
+    except StarletteHTTPException as exc:
+        detail = str(exc.detail)
+        if detail.startswith("Too many files"):
+            raise too_many_images(max_images) from None
+        if detail.startswith(("Part exceeded", "Field exceeded")):
+            raise ApiError(413, "request_too_large", f"a form field exceeds {max_field_bytes} bytes") from None
+        raise ApiError(400, "invalid_multipart", detail) from None
 
 
 async def multipart_parts(form: Any) -> tuple[list[bytes], bytes | None]:

@@ -5,31 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-FLAGS = [  # (flag, settings field, type, help)
-    ("--host", "host", str, "address to bind (default 127.0.0.1; `make serve` uses 0.0.0.0)"),
-    ("--port", "port", int, "port (default 8000)"),
-    ("--model", "model", str, "primary model: zoo name, local directory or hub id (default reefscenes-tiny-damf)"),
-    ("--fallback", "fallback", str, "fallback model (default reefscenes-tiny; 'none' for no fallback)"),
-    ("--backend", "backend", str, "torch | onnx | auto (default: the fastest available)"),
-    ("--device", "device", str, "auto | cpu | cuda[:N]"),
-    ("--dtype", "dtype", str, "auto | fp32 | int8 | bf16 | fp16"),
-    ("--inference-threads", "inference_threads", int, "PyTorch / ONNX Runtime threads (0: cores minus one)"),
-    ("--max-batch-size", "max_batch_size", int, "largest inference batch (images)"),
-    ("--max-wait-ms", "max_wait_ms", float, "longest wait of the oldest queued image before its batch runs"),
-    ("--max-queue", "max_queue", int, "queued images beyond which requests get 503"),
-    ("--request-timeout-s", "request_timeout_s", float, "per-request deadline (504 after it)"),
-    ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (not on /, health and metrics)"),
-    ("--models-dir", "models_dir", str, "folder of models /v1/admin/reload may load by name (needs REEFCAP_ADMIN_KEY)"),
-    ("--feedback-db", "feedback_db", str, "SQLite file for served captions and feedback"),
-    ("--reload-poll-s", "reload_poll_s", float, "watch the primary's folder every N s and hot-reload (0: off)"),
-    ("--log-level", "log_level", str, "uvicorn log level"),
-    # Bounds on what one client can cost (issue 13 part B)
-    ("--max-request-cost", "max_request_cost", int, "largest images x num_beams x max_length per request"),
-    ("--max-connections", "max_connections", int, "open connections beyond which new ones are closed"),
-    ("--read-timeout-s", "read_timeout_s", float, "seconds a client has to send a request head, and its body"),
-    ("--drain-timeout-s", "drain_timeout_s", float, "on SIGTERM, seconds to finish queued work (then 503)"),
-]
-
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
@@ -39,18 +14,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .feedback import FeedbackStore
+    from .flags import flag_overrides
     from .limits import run
     from .metrics import Metrics
     from .pool import build_pool
-    from .settings import ServerSettings
+    from .settings import load_settings
 
-    overrides = {field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field) is not None}
+    overrides = flag_overrides(args)
     if "fallback" in overrides:
         overrides["fallback"] = fallback_name(overrides["fallback"])
-    try:
-        settings = ServerSettings(**overrides)
-    except Exception as exc:  # pydantic ValidationError: name the bad setting on one line
-        raise ReefcapError(f"invalid settings: {' '.join(str(exc).split())}") from None
+    settings = load_settings(**overrides)  # a bad setting: one line naming it and its rule, never a secret
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A feedback database that cannot be written stops the start with one line (exit 2), before any model loads:
     # a server that answered ready while dropping every record would hide the fault.
@@ -71,9 +44,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .feedback import FeedbackStore, open_store_readonly_check
-    from .settings import ServerSettings
+    from .settings import load_settings
 
-    db = open_store_readonly_check(args.db or ServerSettings().feedback_db)
+    db = open_store_readonly_check(args.db or load_settings().feedback_db)
     store = FeedbackStore(db)
     try:
         print(json.dumps(store.export(args.out)))
@@ -83,9 +56,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .flags import add_flags
+
     serve = sub.add_parser("serve", help="run the caption HTTP server (settings also from REEFCAP_* variables)")
-    for flag, field, kind, text in FLAGS:
-        serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    add_flags(serve)  # one flag per setting of ServerSettings, with its default and its REEFCAP_* variable
     serve.set_defaults(handler=_serve)
 
     from reefcap.cli import FEEDBACK_HELP, command_group

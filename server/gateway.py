@@ -56,6 +56,25 @@ ENDPOINTS = {
 }
 
 
+# Headers a request may carry once: two Authorization (or Content-Type) headers are ambiguous, never merged.
+SINGLE_HEADERS = (b"authorization", b"content-type")
+# On every answer. JSON cannot be sniffed into HTML or framed; the page and /docs send their own, wider policy.
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+DEFAULT_CSP = b"default-src 'none'; frame-ancestors 'none'"
+
+
+def with_security_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` plus :data:`SECURITY_HEADERS` and, unless the response set its own, :data:`DEFAULT_CSP`."""
+    if not any(k.lower() == b"content-security-policy" for k, _ in headers):
+        headers.append((b"content-security-policy", DEFAULT_CSP))
+    headers.extend(SECURITY_HEADERS)
+    return headers
+
+
 class ApiError(Exception):
     """An error answered as ``{"error": {"code", "message"}}`` with the given status."""
 
@@ -84,6 +103,7 @@ class Gateway:
             await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex
+        rid = request_id.encode()
         scope.setdefault("state", {})["request_id"] = request_id
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "other"
@@ -93,8 +113,7 @@ class Gateway:
         async def send_wrapped(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status_box["status"], status_box["started"] = message["status"], True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = with_security_headers([*message.get("headers", ()), (b"x-request-id", rid)])
             await send(message)
 
         try:
@@ -125,7 +144,13 @@ class Gateway:
             self.metrics.request_seconds.labels(endpoint, status).observe(time.perf_counter() - start)
 
     def _refuse(self, scope: dict, path: str) -> JSONResponse | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = scope.get("headers", [])
+        for name in SINGLE_HEADERS:
+            count = sum(k.lower() == name for k, _ in raw)
+            if count > 1:  # which one would count? Last-wins let a wrong key ride along with a right one
+                title = name.decode().title()
+                return error_response(400, "duplicate_header", f"send one {title} header, not {count}")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
         refusal = self._authorize(path, headers.get("authorization", ""), scope.get("method") == "OPTIONS")
         if refusal is not None:
             return refusal

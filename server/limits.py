@@ -2,11 +2,13 @@
 
 Three layers, each cheap on the hot path (a timer per connection, a counter per request):
 
-- :func:`bounded_protocol`: uvicorn's HTTP protocol with a connection cap (connections past
-  ``max_connections`` are closed as they are accepted, so file descriptors stay bounded), a request head of
-  at most :data:`MAX_HEAD_BYTES`, and a request-head timeout (a connection whose next request head has not
-  arrived ``read_timeout_s`` after it opened or after its last response is closed: uvicorn itself closes only
-  idle keep-alive connections, and a client trickling one byte every few seconds resets that timer).
+- :func:`bounded_protocol`: uvicorn's HTTP protocol with a connection cap (a request on a connection past
+  ``max_connections`` is answered 503 with Retry-After, and far past it the answer comes on connect, so every
+  client gets an answer and file descriptors stay bounded), a request head of at most :data:`MAX_HEAD_BYTES`
+  (else 431), a request-head timeout (a connection whose next request head has not arrived ``read_timeout_s``
+  after it opened or after its last response is closed: uvicorn itself closes only idle keep-alive
+  connections, and a client trickling one byte every few seconds resets that timer), and JSON bodies on the
+  parser's refusals of malformed HTTP (uvicorn's are text/plain).
 - :class:`BodyLimits`: ASGI middleware; a request's body must arrive within ``read_timeout_s`` (else 408
   ``body_timeout``), and at most ``max_large_bodies`` requests with a body over :data:`LARGE_BODY` are in
   flight at once (else 503 ``overloaded`` with Retry-After), so eight 58 MB JSON bodies cannot take half a
@@ -20,62 +22,202 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
+import time
+from http import HTTPStatus
 from typing import Any
 
 import uvicorn
 
-from .gateway import ApiError, error_response
+from .gateway import ApiError, error_response, with_security_headers
 
 log = logging.getLogger("reefcap.server")
 LARGE_BODY = 1 << 20  # bytes; a caption request with one photo is far below this
 MAX_HEAD_BYTES = 64 << 10  # request line and headers
+# Connections past max_connections are answered 503 once their request head is in (its fd held until then, at
+# most read_timeout_s); past (1 + OVERFLOW_FACTOR) x max_connections, at once on connect, so fds stay bounded.
+OVERFLOW_FACTOR = 4
+LINGER_S = 1.0  # after a refusal, how long the client's remaining bytes are read and dropped before the close
+HEAD_TOO_LARGE = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+INVALID_HTTP = "malformed HTTP request (bad framing, a bad chunk size or a control character in a header)"
 
 
-def bounded_protocol(base: type, max_connections: int, read_timeout_s: float) -> type:
-    """A subclass of uvicorn's HTTP protocol class ``base`` (h11 or httptools) with the two bounds above."""
+class _Bounds:
+    """The bounds of :func:`bounded_protocol`, mixed into uvicorn's protocol class (settings as class attributes)."""
 
-    class BoundedProtocol(base):  # type: ignore[misc, valid-type]
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                log.warning("%d connections open: closing a new one", len(self.connections) - 1)
-                transport.close()
+    max_connections: int
+    read_timeout_s: float
+    retry_after_s: int
+    overloaded: Any  # the ASGI app of a connection past max_connections
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._answered, self._head_parsed, self._head_too_large = False, 0, False
+        count = len(self.connections)
+        if count > self.max_connections:
+            _warn_overload(count, self.max_connections)
+            # Far past the cap, even waiting for a head would hold too many descriptors: answered on connect.
+            if count > self.max_connections * (1 + OVERFLOW_FACTOR):
+                self._answer_and_close(503, "overloaded", overload_message(self.max_connections), self.retry_after_s)
                 return
-            self._arm_head_timer()
+            self.app = self.overloaded  # this connection's request is answered 503 once its head is in
+        self._arm_head_timer()
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            # Bytes that left the request head still incomplete are head bytes: bounded, as h11 bounds them
-            # (httptools, uvicorn's default parser, takes megabytes of header lines).
-            if self.cycle is self._head_cycle and not self.transport.is_closing():
-                self._head_bytes += len(data)
-                if self._head_bytes > MAX_HEAD_BYTES:
-                    self.transport.close()
+    def data_received(self, data: bytes) -> None:
+        if self._answered:  # the answer is out: what the client still sends is read and dropped
+            return
+        super().data_received(data)
+        # Bytes that left the request head still incomplete are head bytes: bounded, as h11 bounds them
+        # (httptools, uvicorn's default parser, takes megabytes of header lines).
+        if not self._answered and self.cycle is self._head_cycle and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._answer_and_close(431, "headers_too_large", HEAD_TOO_LARGE)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm_head_timer()
+    # httptools' callbacks (h11 never calls them): a head that arrived whole in one read is counted here.
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_parsed = 0
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            timer = getattr(self, "_head_timer", None)
-            if timer is not None:
-                timer.cancel()
-            super().connection_lost(exc)
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
 
-        def _arm_head_timer(self) -> None:
-            old = getattr(self, "_head_timer", None)
-            if old is not None:
-                old.cancel()
-            cycle = self.cycle  # a new request head replaces the cycle: then the head arrived in time
-            self._head_cycle, self._head_bytes = cycle, 0
-            self._head_timer = self.loop.call_later(read_timeout_s, self._head_timeout, cycle)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
 
-        def _head_timeout(self, cycle: Any) -> None:
-            if self.cycle is cycle and not self.transport.is_closing():
-                self.transport.close()
+    def _count_head(self, size: int) -> None:
+        self._head_parsed += size
+        if self._head_parsed > MAX_HEAD_BYTES:
+            self._head_too_large = True
+            raise HeadTooLargeError  # stops the parser; uvicorn answers through send_400_response
 
-    return BoundedProtocol
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser refused, as JSON like every other answer."""
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()  # half an answer is out: only closing can end it
+        elif self._head_too_large:
+            self._answer_and_close(431, "headers_too_large", HEAD_TOO_LARGE)
+        else:
+            self._answer_and_close(400, "invalid_http", INVALID_HTTP)
+
+    def _answer_and_close(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
+        """Write a complete JSON answer and close without a reset: the write side first, then the rest once
+        the client is done or after LINGER_S. Closing with its unread bytes in the socket would send a reset,
+        which can destroy the answer before the client reads it."""
+        self._answered = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app, if it has this request, sees a disconnect; its sends are dropped
+            cycle.message_event.set()
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+        extra = [(b"retry-after", str(retry_after).encode())] if retry_after is not None else []
+        self.transport.write(raw_answer(status, code, message, [*self.server_state.default_headers, *extra]))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        old = getattr(self, "_head_timer", None)
+        if old is not None:
+            old.cancel()
+        cycle = self.cycle  # a new request head replaces the cycle: then the head arrived in time
+        self._head_cycle, self._head_bytes = cycle, 0
+        self._head_timer = self.loop.call_later(self.read_timeout_s, self._head_timeout, cycle)
+
+    def _head_timeout(self, cycle: Any) -> None:
+        if self.cycle is cycle and not self.transport.is_closing():
+            self.transport.close()
+
+
+def bounded_protocol(base: type, max_connections: int, read_timeout_s: float, retry_after_s: int = 1) -> type:
+    """A subclass of uvicorn's HTTP protocol class ``base`` (h11 or httptools) with the bounds above, in which every
+    refusal is an HTTP answer with a JSON error body (uvicorn's own are text/plain, or a closed socket)."""
+    settings = {"max_connections": max_connections, "read_timeout_s": read_timeout_s, "retry_after_s": retry_after_s}
+    overloaded = staticmethod(overloaded_app(max_connections, retry_after_s))
+    return type("BoundedProtocol", (_Bounds, base), {**settings, "overloaded": overloaded})
+
+
+class HeadTooLargeError(Exception):
+    """Raised from a parser callback to stop parsing a request head over :data:`MAX_HEAD_BYTES`."""
+
+
+def overload_message(max_connections: int) -> str:
+    return f"more than {max_connections} connections are open; try again after Retry-After seconds"
+
+
+def raw_answer(status: int, code: str, message: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole HTTP/1.1 response with the JSON error body every answer of the server has (``Connection: close``)."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    fields = [
+        *headers,
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+    lines += [name + b": " + value + b"\r\n" for name, value in with_security_headers(fields)]
+    return b"".join(lines) + b"\r\n" + body
+
+
+def overloaded_app(max_connections: int, retry_after_s: int) -> Any:
+    """The ASGI app of a connection past ``max_connections``: a JSON 503 with Retry-After, then the close."""
+    headers = {"Retry-After": str(retry_after_s), "Connection": "close"}
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        # The body first (a small one, briefly): answering while the client still sends would reset the
+        # connection under it, and it would never read the answer.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_drain_body(receive), LINGER_S)
+
+        async def send_secured(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = with_security_headers(list(message.get("headers", ())))
+            await send(message)
+
+        response = error_response(503, "overloaded", overload_message(max_connections), headers)
+        await response(scope, receive, send_secured)
+
+    return app
+
+
+async def _drain_body(receive: Any) -> None:
+    seen = 0
+    while seen <= LARGE_BODY:
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+_last_overload_log = [0.0]
+
+
+def _warn_overload(count: int, max_connections: int) -> None:
+    # At most once a second: a burst of hundreds of refused connections is one event, not hundreds of lines.
+    now = time.monotonic()
+    if now - _last_overload_log[0] >= 1.0:
+        _last_overload_log[0] = now
+        log.warning("%d connections open, more than max_connections %d: answering 503", count, max_connections)
 
 
 class BodyLimits:
@@ -170,11 +312,12 @@ def run(app: Any, settings: Any) -> None:
         timeout_keep_alive=settings.keep_alive_s,
         # Past the batcher's own drain: by then every queued request has its answer (or a JSON 503).
         timeout_graceful_shutdown=settings.drain_timeout_s + 5,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # h11 (if chosen) bounds a head as httptools does below
     )
     config.load()
     quiet_gc()
     config.http_protocol_class = bounded_protocol(
-        config.http_protocol_class, settings.max_connections, settings.read_timeout_s
+        config.http_protocol_class, settings.max_connections, settings.read_timeout_s, settings.retry_after_s
     )
     DrainingServer(config, app.state.runtime).run()
 

@@ -29,14 +29,14 @@ class ErrorBody(BaseModel):
 
 
 DESCRIPTIONS = {
-    400: "bad request: undecodable image, bad base64, invalid JSON, a malformed part",
+    400: "bad request: undecodable image, bad base64, invalid JSON, a malformed part, two Authorization headers",
     401: "missing or wrong API key (admin routes: admin key)",
     404: "no such route, unknown request id or model name (admin routes: also when no admin key is configured)",
     405: "method not allowed (the Allow header lists those that are)",
     409: "the candidate model failed the quality gate",
     413: "too large: request bytes, image bytes or pixels, images per request",
     415: "content type or image format not accepted",
-    422: "the body does not match the schema, or decoding options are out of range",
+    422: "the body does not match the schema (references: 1 to 500 characters), or decoding options are out of range",
     499: "the client went away before its captions were ready",
     500: "a bug of the server's (the X-Request-ID header names the request in the log)",
     503: "overloaded, not ready yet, or shutting down (Retry-After says when to try again)",

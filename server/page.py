@@ -5,7 +5,14 @@ One static page, no build step and nothing fetched from elsewhere. It only calls
 (one request per image, so one bad file fails one row), ``/v1/feedback``, ``/v1/models`` (roles) and
 ``/metrics`` (the rolling BLEU-4/CIDEr gauges, public like the page). The API key typed into the page is kept
 in a JavaScript variable only, never in storage or cookies, so it is gone when the tab closes.
+
+Its Content-Security-Policy (:data:`PAGE_HEADERS`) lets only this page's own inline script and style run, by
+their hashes, talk only to this server, and forbids framing: a page where users paste their key must not be
+framed by another site or made to load script from elsewhere.
 """
+
+import base64
+import hashlib
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -221,3 +228,17 @@ refreshScores();
 </body>
 </html>
 """
+
+
+def _inline_hash(tag: str) -> str:
+    """The CSP hash source of the page's one inline ``tag`` element (its exact text between the tags)."""
+    body = PAGE.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode() + "'"
+
+
+# img-src blob: the thumbnails are object URLs of the chosen files.
+PAGE_CSP = (
+    f"default-src 'none'; script-src {_inline_hash('script')}; style-src {_inline_hash('style')}; "
+    "img-src blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP}

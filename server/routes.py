@@ -4,20 +4,31 @@ app's :class:`~reefcap.server.app.Runtime` holds, and formats the answer. No cap
 from __future__ import annotations
 
 import asyncio
-from typing import Any, get_type_hints
+from typing import Annotated, Any, get_type_hints
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from reefcap.models.engines.base import DecodeOptions
 
 from .admin import public_info
-from .bodies import JSON, MULTIPART, Text, b64_image, media_type, multipart_parts, parse_body_json, validated
+from .bodies import (
+    JSON,
+    MULTIPART,
+    Text,
+    b64_image,
+    media_type,
+    multipart_parts,
+    parse_body_json,
+    read_form,
+    too_many_images,
+    validated,
+)
 from .gateway import ApiError, parse_json
 from .openapi import errors, json_body, request_body
-from .page import PAGE
+from .page import PAGE, PAGE_HEADERS
 
 router = APIRouter()
 
@@ -52,11 +63,25 @@ class CaptionsBody(BaseModel):
     options: Options | None = None
 
 
+MAX_REFERENCE_CHARS = 500
+
+
+def _reference(text: str) -> str:
+    """A reference caption with its whitespace collapsed; empty or longer than the limit is a schema error (422,
+    like every other field out of its rule)."""
+    text = " ".join(text.split())
+    if not text:
+        raise ValueError("a reference must not be empty")
+    if len(text) > MAX_REFERENCE_CHARS:
+        raise ValueError(f"a reference is at most {MAX_REFERENCE_CHARS} characters")
+    return text
+
+
 class FeedbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: Text = Field(min_length=1, max_length=64)
     index: int = Field(0, ge=0, le=2**31 - 1)  # an image's place in its request: bounded before SQLite sees it
-    references: list[Text] = Field(min_length=1, max_length=20)
+    references: list[Annotated[Text, AfterValidator(_reference)]] = Field(min_length=1, max_length=20)
 
 
 class HFBody(BaseModel):
@@ -108,7 +133,7 @@ async def _run(request: Request, uploads: list[bytes], options: dict[str, Any] |
     if not uploads:
         raise ApiError(400, "no_images", "send at least one image")
     if len(uploads) > limit:
-        raise ApiError(413, "too_many_images", f"at most {limit} images per request")
+        raise too_many_images(limit)
     options = dict(options or {})
     quality = bool(options.pop("quality", False))
     decode_options = svc.options(options)
@@ -123,8 +148,8 @@ async def _caption_request(request: Request) -> tuple[list[bytes], dict[str, Any
     """The uploads and decoding options of a multipart or JSON ``/v1/captions`` request."""
     ctype = media_type(request.headers.get("content-type"))
     if ctype == MULTIPART:
-        limit = request.app.state.settings.max_images_per_request
-        form = await request.form(max_files=limit + 1, max_part_size=request.app.state.settings.max_image_bytes)
+        limits = request.app.state.settings
+        form = await read_form(request, limits.max_images_per_request, limits.max_image_bytes)
         uploads, raw_options = await multipart_parts(form)
         options = None
         if raw_options is not None:
@@ -146,7 +171,7 @@ def _as_list(value: Any) -> list:
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page() -> HTMLResponse:
-    return HTMLResponse(PAGE)
+    return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
 
 @router.get("/healthz", responses=errors(405, 500))
@@ -220,8 +245,6 @@ async def feedback(request: Request) -> dict[str, Any]:
     """Reference captions for a served image (``request_id`` and ``index`` from its caption answer)."""
     raw = await request.body()
     body = validated(FeedbackBody, parse_body_json(request.headers.get("content-type"), raw))
-    refs = [" ".join(r.split()) for r in body.references]
-    if not all(refs) or any(len(r) > 500 for r in refs):
-        raise ApiError(400, "invalid_references", "references must be non-empty and at most 500 characters")
+    refs = body.references  # whitespace collapsed, non-empty, at most MAX_REFERENCE_CHARS each (FeedbackBody)
     result = await request.app.state.runtime.ready_service().add_feedback(body.request_id, body.index, refs)
     return {"request_id": body.request_id, "index": body.index, "stored": len(refs), **result}

@@ -1,18 +1,25 @@
 """Server settings: every field can come from a ``reefcap serve`` flag or a ``REEFCAP_<NAME>`` variable.
 
-Flags win over environment variables, which win over the defaults below (pydantic-settings order).
+Flags win over environment variables, which win over the defaults below (pydantic-settings order). Each field's
+``description`` is what ``serve --help`` and the README's settings table say about it (``server/flags.py`` makes
+both from this model); ``secret`` fields never appear in an error message or a repr, ``variable_only`` ones have
+no flag (flags show in ``ps``).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from PIL import Image
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from reefcap.models.data.images import DEFAULT_FORMATS, ImageLimits
 from reefcap.models.engines.base import check_device
+from reefcap.models.errors import ReefcapError
 from reefcap.models.policy import (
     DEFAULT_BREAKER_FAILURES,
     DEFAULT_BREAKER_RESET_S,
@@ -20,77 +27,144 @@ from reefcap.models.policy import (
     DEFAULT_PRIMARY,
 )
 
+ENV_PREFIX = "REEFCAP_"
+# PIL refuses an image past twice its MAX_IMAGE_PIXELS with its own error whatever the caller's limit: the
+# server's pixel limit is capped there so that its own limit and message are the ones every client meets.
+PIL_PIXEL_CEILING = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+# A key travels in an Authorization header: visible ASCII, no spaces (anything else could never match).
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
+SECRET: dict[str, Any] = {"secret": True}
+VARIABLE_ONLY: dict[str, Any] = {"secret": True, "variable_only": True}
+
 
 class ServerSettings(BaseSettings):
-    """How ``reefcap serve`` runs. The README's "Server" section documents each field."""
+    """How ``reefcap serve`` runs. The README's "Server" section documents each field (generated from here)."""
 
-    model_config = SettingsConfigDict(env_prefix="REEFCAP_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    model: str = DEFAULT_PRIMARY  # `reefcap caption` and `reefcap model list` read the same constant
-    fallback: str | None = DEFAULT_FALLBACK  # `reefcap caption` uses the same one
-    backend: str = "auto"  # auto = the fastest registered backend that imports (onnx, else torch)
-    device: str = "auto"
+    host: str = Field("127.0.0.1", description="address to bind (`make serve` and the Dockerfile use `0.0.0.0`)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    # `reefcap caption` and `reefcap model list` read the same two constants.
+    model: str = Field(DEFAULT_PRIMARY, description="primary model: zoo name, local directory or hub id")
+    fallback: str | None = Field(DEFAULT_FALLBACK, description="fallback model, the same forms; `none` for none")
+    backend: str = Field("auto", description="`torch`, `onnx`, or `auto`: onnx when importable, else torch")
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`, as for `reefcap caption`")
     # auto: int8 for a checkpoint whose manifest records >= 95% identical greedy captions int8 vs fp32 on this
     # kind of CPU (models/precision.py; the bundled primary does), served by ONNX on the CPU; fp32 otherwise.
-    dtype: str = "auto"
-    # Intra-op threads for PyTorch and ONNX Runtime. 0 = one per core minus one, kept for decoding and HTTP:
-    # on a small shared CPU, inference threads fighting the decoding threads made batches up to 20x slower.
-    inference_threads: int = Field(0, ge=0)
-    # Batches run at once, each on its own thread. 0 = two for a model the warm-up measures under 0.1 s an image
-    # on two cores or more (its batch runs on one thread, so one batch at a time left a core idle), else one.
-    inference_workers: int = Field(0, ge=0, le=8)
+    dtype: str = Field(
+        "auto",
+        description="`auto`, `fp32`, `int8`, `bf16` or `fp16`; `auto` is int8 for a checkpoint whose "
+        "`manifest.json` records at least 95% identical greedy captions int8 vs fp32 (`int8_agreement`) on a kind "
+        "of CPU this one is, when ONNX Runtime serves it on the CPU (the bundled primary on AVX2 or AVX-512 VNNI "
+        "CPUs), else fp32",
+    )
+    # On a small shared CPU, inference threads fighting the decoding threads made batches up to 20x slower.
+    inference_threads: int = Field(
+        0,
+        ge=0,
+        description="PyTorch and ONNX Runtime threads; 0 = the loader's policy: cores minus one (left for decoding "
+        "and HTTP), every core for a model of 50 M parameters or more",
+    )
+    # A fast model's batch runs on one thread, so one batch at a time left a core idle.
+    inference_workers: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="batches run at once, each on its own thread; 0 = two for a primary the warm-up measures "
+        "under 0.1 s an image on two cores or more (bundled model: 271 -> 338 images/s at 32 connections on "
+        "2 vCPUs), else one",
+    )
 
-    # The dynamic batcher's two knobs, its queue bound and the per-request deadline.
-    max_batch_size: int = Field(16, ge=1, le=256)
-    max_wait_ms: float = Field(10.0, ge=0)
-    max_queue: int = Field(256, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0)
-    retry_after_s: int = Field(1, ge=1)
-    # Threads decoding uploads and measuring UIQM/UCIQE. 0 = half the cores (at least one): on 2 cores a
-    # second decoding thread only fought the inference and event-loop threads (10-15% fewer images/s).
-    decode_workers: int = Field(0, ge=0)
-    drain_timeout_s: float = Field(30.0, ge=0)
+    max_batch_size: int = Field(16, ge=1, le=256, description="largest inference batch, in images")
+    max_wait_ms: float = Field(10.0, ge=0, description="longest wait of a batch's oldest image before it runs")
+    max_queue: int = Field(256, ge=1, description="queued images beyond which requests get 503 + `Retry-After`")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline (504 after it)")
+    retry_after_s: int = Field(1, ge=1, description="seconds a 503's `Retry-After` asks clients to wait")
+    # On 2 cores a second decoding thread only fought the inference and event-loop threads (10-15% fewer images/s).
+    decode_workers: int = Field(
+        0,
+        ge=0,
+        description="threads decoding images and measuring UIQM/UCIQE (on a copy reduced by a whole factor to at "
+        "most 128 px a side); 0 = half the cores, at least one",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, seconds to finish queued work (fractions honoured; then 503)"
+    )
 
-    # Fallback policy: a primary batch slower than this is answered by the fallback; after
-    # breaker_failures consecutive primary failures the primary is skipped for breaker_reset_s.
-    primary_timeout_s: float = Field(20.0, gt=0)
-    breaker_failures: int = Field(DEFAULT_BREAKER_FAILURES, ge=1)
-    breaker_reset_s: float = Field(DEFAULT_BREAKER_RESET_S, gt=0)
+    primary_timeout_s: float = Field(
+        20.0, gt=0, description="a primary batch slower than this is answered by the fallback"
+    )
+    breaker_failures: int = Field(
+        DEFAULT_BREAKER_FAILURES, ge=1, description="consecutive primary failures that open the circuit breaker"
+    )
+    breaker_reset_s: float = Field(
+        DEFAULT_BREAKER_RESET_S, gt=0, description="seconds the open breaker skips the primary"
+    )
 
-    # Default decoding: greedy is the fastest and gives the same caption whatever the batch it lands in.
-    num_beams: int = Field(1, ge=1, le=16)
-    max_length: int = Field(20, ge=2, le=512)
+    # Greedy is the fastest and gives the same caption whatever the batch it lands in.
+    num_beams: int = Field(1, ge=1, le=16, description="default beam width (requests may override)")
+    max_length: int = Field(20, ge=2, le=512, description="default maximum tokens (requests may override)")
 
-    # Input limits (decompression bombs are stopped from the image header by max_pixels).
-    max_image_bytes: int = Field(16 * 1024 * 1024, ge=1)
-    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
-    max_images_per_request: int = Field(16, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
-    formats: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
+    # Decompression bombs are stopped from the image header by max_pixels.
+    max_image_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest image file, in bytes (16 MiB)")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest request body, in bytes (64 MiB)")
+    max_images_per_request: int = Field(16, ge=1, description="images one request may carry (more: 413)")
+    max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        le=PIL_PIXEL_CEILING,
+        description="largest image, in pixels, read from its header before any pixel is decoded (more: 413)",
+    )
+    formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_FORMATS), description="allowed image formats, comma-separated"
+    )
 
-    api_key: str | None = None  # bearer key required on everything except /, /healthz, /readyz, /metrics
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: CORS off
+    api_key: str | None = Field(
+        None,
+        repr=False,
+        json_schema_extra=SECRET,
+        description="when set, `Authorization: Bearer KEY` on everything but `/`, `/healthz`, `/readyz`, "
+        "`/metrics`; prefer the variable (flags show in `ps`)",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated allowed CORS origins; empty: CORS off"
+    )
 
-    feedback_db: Path = Path("reefcap-feedback.sqlite3")
-    feedback_window: int = Field(500, ge=1)  # rolling BLEU-4/CIDEr over the latest N references per model
-    feedback_retain: int = Field(20_000, ge=1)  # served images kept for feedback, newest first
+    feedback_db: Path = Field(
+        Path("reefcap-feedback.sqlite3"), description="SQLite file of served captions and feedback"
+    )
+    feedback_window: int = Field(500, ge=1, description="latest images with references in the rolling BLEU-4/CIDEr")
+    feedback_retain: int = Field(
+        20_000, ge=1, description="served images kept for feedback, newest first (those with feedback: never pruned)"
+    )
 
-    reload_poll_s: float = Field(0.0, ge=0)  # >0: watch the primary's folder and reload when it changes
-    # The quality gate every reload passes (models/gate.py): the images both models caption (a COCO file; unset:
-    # held-out feedback once there are gate_min_feedback images, else the ReefScenes probe set) and the largest
-    # drop of a higher-is-better metric (rise of a lower-is-better one) it accepts, in the metric's units.
-    gate_set: Path | None = None
-    gate_tolerance: float = Field(0.02, ge=0)
-    gate_min_feedback: int = Field(30, ge=1)
-    log_level: str = "info"
+    reload_poll_s: float = Field(
+        0.0, ge=0, description="watch the primary's folder every N s and hot-reload through the gate; 0: off"
+    )
+    gate_set: Path | None = Field(
+        None,
+        description="COCO file the quality gate scores candidate and serving model on (unset: held-out "
+        "feedback, else the ReefScenes probe set)",
+    )
+    gate_tolerance: float = Field(
+        0.02, ge=0, description="largest drop of a metric the gate accepts, in the metric's units"
+    )
+    gate_min_feedback: int = Field(30, ge=1, description="held-out feedback images needed before they are the gate set")
+    log_level: str = Field("info", description="uvicorn and reefcap log level")
 
-    # Admin surface (README "Admin"). Without admin_key every /v1/admin/* route answers 404, as if absent: an
-    # open admin route let anyone probe the filesystem and load models. Reload names resolve only to entries of
-    # models_dir, the bundled zoo and the configured primary; a path or hub id from a request never loads.
-    admin_key: str | None = None
-    models_dir: Path | None = None
+    # Without admin_key every /v1/admin/* route answers 404, as if absent: an open admin route let anyone probe
+    # the filesystem and load models. Reload names resolve only to entries of models_dir, the bundled zoo and the
+    # configured primary; a path or hub id from a request never loads.
+    admin_key: str | None = Field(
+        None,
+        repr=False,
+        json_schema_extra=VARIABLE_ONLY,
+        description="bearer key of `/v1/admin/*` (unset: admin routes off, 404); must differ from the API key",
+    )
+    models_dir: Path | None = Field(
+        None,
+        description="folder whose entries `POST /v1/admin/reload` may load by name (links must stay inside it)",
+    )
 
     @field_validator("formats", mode="before")
     @classmethod
@@ -112,10 +186,15 @@ class ServerSettings(BaseSettings):
             return [v for v in value.replace(",", " ").split() if v]
         return value
 
-    @field_validator("admin_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
-    def _blank_admin_key_is_none(cls, value: str | None) -> str | None:
-        return value if value and value.strip() else None  # REEFCAP_ADMIN_KEY= (empty) leaves admin off
+    def _check_key(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # REEFCAP_ADMIN_KEY= (empty) leaves admin off, REEFCAP_API_KEY= leaves the API open
+        if not _KEY_CHARS.fullmatch(value):
+            # Never the value in the message: errors are printed.
+            raise ValueError("must be visible ASCII characters without spaces (it is sent in an Authorization header)")
+        return value
 
     @field_validator("models_dir")
     @classmethod
@@ -136,26 +215,90 @@ class ServerSettings(BaseSettings):
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels, formats=tuple(self.formats))
 
     # ---- Bounds on what one client can cost (issue 13 part B; one block, kept last) ----
-    # A request's decoding work: images x num_beams x max_length. 2048 takes 16 images at 3 beams and 40
-    # tokens; 16 images x 16 beams x 64 tokens (30x the default work) is refused with a 422 naming the limit.
-    max_request_cost: int = Field(2048, ge=1)
-    feedback_max_references: int = Field(20, ge=1)  # references kept per served image (posts beyond: 409)
-    # Open connections beyond which new ones get a 503 (uvicorn's limit_concurrency): file descriptors and the
-    # memory of bodies in flight stay bounded (at most this many x MAX_REQUEST_BYTES).
-    max_connections: int = Field(128, ge=1)
-    # A client must send its request head and body within this many seconds, and an idle keep-alive connection
-    # is closed after keep_alive_s: trickling clients cannot hold connections open.
-    read_timeout_s: float = Field(15.0, gt=0)
-    max_large_bodies: int = Field(4, ge=1)  # requests with bodies over 1 MiB in flight at once (beyond: 503)
-    keep_alive_s: float = Field(5.0, gt=0)
-    # With a measured model cost (a warm-up batch at start, then the running mean of primary batches), batch
-    # deadlines follow it: a primary batch gets max(PRIMARY_TIMEOUT_S, COST_SLACK x its expected time), a request
-    # max(REQUEST_TIMEOUT_S, COST_SLACK x the expected time of the work queued ahead of it and its own).
-    cost_slack: float = Field(4.0, ge=1)
-    warm_up: bool = True
+    # 2048 takes 16 images at 3 beams and 40 tokens; 16 images x 16 beams x 64 tokens (30x the default work) is
+    # refused with a 422 naming the limit.
+    max_request_cost: int = Field(
+        2048, ge=1, description="a request's decoding work, images x `num_beams` x `max_length`; more is a 422"
+    )
+    feedback_max_references: int = Field(
+        20, ge=1, description="references kept per served image (a post past it: 409 `too_many_references`)"
+    )
+    # File descriptors and the memory of bodies in flight stay bounded (at most this many x MAX_REQUEST_BYTES).
+    max_connections: int = Field(
+        128,
+        ge=1,
+        description="open connections served at once; a request on one past it is answered 503 + `Retry-After` "
+        "(past four times as many more, at once on connect) and its connection closed",
+    )
+    # Trickling clients cannot hold connections open.
+    read_timeout_s: float = Field(
+        15.0, gt=0, description="seconds a client has to send a request head, and its body (body: 408)"
+    )
+    max_large_bodies: int = Field(
+        4, ge=1, description="requests with bodies over 1 MiB in flight at once (past it: 503 `overloaded`)"
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    # A primary batch gets max(PRIMARY_TIMEOUT_S, COST_SLACK x its expected time), a request max(REQUEST_TIMEOUT_S,
+    # COST_SLACK x the expected time of the work queued ahead of it and its own).
+    cost_slack: float = Field(
+        4.0, ge=1, description="deadlines follow the primary's measured cost times this (README, Bounds)"
+    )
+    warm_up: bool = Field(True, description="caption a warm-up batch at start to measure the primary's cost")
 
     # ---- Performance (issue 16) ----
-    # UIQM/UCIQE cost about 0.9 ms an image, a third of the server's CPU per image on the tiny model: they are
-    # measured for every image whose request asks (options.quality; the web page always does), and for this
-    # fraction of the others, so the Prometheus histograms still follow the inputs (1/16: one image in 16).
-    quality_sample_rate: float = Field(0.0625, ge=0, le=1)
+    # UIQM/UCIQE cost about 0.9 ms an image, a third of the server's CPU per image on the tiny model.
+    quality_sample_rate: float = Field(
+        0.0625,
+        ge=0,
+        le=1,
+        description="fraction of images measured for the `/metrics` UIQM/UCIQE histograms when their request "
+        "does not ask (`options.quality`); evenly spread, the first image included",
+    )
+
+
+def secret_fields() -> list[str]:
+    """The settings whose values never appear in an error message or a repr."""
+    return [n for n, f in ServerSettings.model_fields.items() if (f.json_schema_extra or {}).get("secret")]
+
+
+def env_name(field: str) -> str:
+    """The variable that sets ``field``: ``REEFCAP_MAX_PIXELS``."""
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str | None:
+    """``--name-with-dashes``, or None for a variable-only setting."""
+    extra = ServerSettings.model_fields[field].json_schema_extra or {}
+    return None if extra.get("variable_only") else "--" + field.replace("_", "-")
+
+
+def where_set(field: str) -> str:
+    """How a user sets ``field``: ``--port / REEFCAP_PORT``, or the variable alone."""
+    flag = flag_name(field)
+    return f"{flag} / {env_name(field)}" if flag else env_name(field)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming each broken setting and its rule. Never the input: it may hold a secret."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False)[:3]:
+        message = error["msg"].removeprefix("Value error, ")
+        field = str(error["loc"][0]) if error["loc"] else None
+        parts.append(f"{field} ({where_set(field)}): {message}" if field in ServerSettings.model_fields else message)
+    return "; ".join(parts) or "invalid settings"
+
+
+def load_settings(**overrides: Any) -> ServerSettings:
+    """:class:`ServerSettings` from ``overrides`` (flags), the environment and the defaults; a settings error is a
+    :class:`ReefcapError` of one line (exit 2) in which no secret's value appears."""
+    try:
+        return ServerSettings(**overrides)
+    except ValidationError as exc:
+        message = describe_error(exc)
+    except SettingsError as exc:  # a REEFCAP_* variable that is not even parsable; names the field, not the value
+        message = str(exc)
+    secrets = [str(overrides.get(f) or "") for f in secret_fields()]
+    secrets += [os.environ.get(env_name(f), "") for f in secret_fields()]
+    for secret in sorted((s for s in secrets if s.strip()), key=len, reverse=True):
+        message = message.replace(secret, "***")  # a validator's own message must not be the leak either
+    raise ReefcapError(f"invalid settings: {message}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import struct
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
         except UnidentifiedImageError:
             raise NotAnImageError(f"{label}: not a recognised image format") from None
         except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"{label}: {exc}") from None
+            raise _bomb_error(label, data, limits, exc) from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise NotAnImageError(f"{label}: cannot be decoded ({exc})") from None
 
@@ -159,10 +160,34 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
         try:
             image.load()
         except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"{label}: {exc}") from None
+            raise _bomb_error(label, data, limits, exc) from None
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise TruncatedImageError(f"{label}: image data is truncated or corrupt ({exc})") from None
     return image
+
+
+def _bomb_error(label: str, data: bytes, limits: ImageLimits, exc: Exception) -> ImageTooLargeError:
+    """PIL's refusal of an image past its own bomb limit (about 179 MP), in the words of ``limits``: a caller's
+    pixel limit and message are the same for every size, PIL's limit only shows where it is the lower one."""
+    size = _claimed_size(data)
+    if size is None or size[0] * size[1] <= limits.max_pixels:
+        return ImageTooLargeError(f"{label}: {exc}")
+    return ImageTooLargeError(f"{label}: {size[0]}x{size[1]} pixels exceeds the limit of {limits.max_pixels} pixels")
+
+
+def _claimed_size(data: bytes) -> tuple[int, int] | None:
+    """The size the header of ``data`` claims, read as ``Image.open`` reads it but without its bomb check (only
+    called once that check has refused the image, so no pixel is decoded)."""
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and not accept(data[:16]):
+            continue
+        try:
+            return factory(io.BytesIO(data), None).size
+        except (SyntaxError, IndexError, TypeError, ValueError, OSError, struct.error):
+            continue
+    return None
 
 
 @functools.cache
