@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from reefcap.models.engines.base import DecodeOptions, EngineConfig
 from reefcap.models.engines.onnx_engine import OnnxCaptionEngine
+from reefcap.models.engines.precision import cpu_flags
 from reefcap.models.engines.torch_engine import TorchCaptionEngine
 from reefcap.models.export.onnx import DECODER, ENCODER, INT8_SCHEME, INT8_WEIGHT_RANGE, export_onnx, read_manifest
 
@@ -91,6 +92,10 @@ print(json.dumps({"saturates": int(y[0, 0]) != 64 * 255 * 127, "captions": capti
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates an x86-64 CPU for an x86-64 Python")
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (apt-get install qemu-user)")
+@pytest.mark.skipif(
+    not cpu_flags() & {"avx512_vnni", "avx_vnni"},
+    reason="this CPU has no VNNI: test_int8_agreement already ran ORT's AVX2 kernels natively",
+)
 @pytest.mark.heavy  # Python under qemu's CPU emulation
 def test_int8_agreement_on_an_avx2_cpu_without_vnni(int8_export, fp32_captions, euvp_images):
     """The same agreement on an AVX2-only CPU (QEMU user-mode emulation, ~1 min): the saturating kernels run."""
