@@ -74,3 +74,26 @@ def small_model(synthetic, tmp_path_factory) -> Path:
 
     cfg = TinyConfig(image_size=32, vision_hidden=64, text_hidden=64, vision_layers=2, text_layers=2, vocab_size=300)
     return init_tiny(tmp_path_factory.mktemp("m") / "m", all_captions(synthetic), cfg)
+
+
+@pytest.fixture(scope="module")
+def engines(varied_model, tiny_model, tmp_path_factory):
+    """The server tests' engines (test_server_app, test_server_reload): a model that varies by image, the fresh
+    tiny one, one that collapses into repetition, and one whose every generate call raises."""
+    from server_helpers import collapsed_model, copy_model, unchecked_engine_class
+
+    from reefcap.models.engines.base import EngineConfig
+    from reefcap.models.engines.torch_engine import TorchCaptionEngine
+    from reefcap.models.factory import TinyConfig, init_tiny
+
+    CPU, SHORT = EngineConfig(device="cpu"), TinyConfig(max_positions=16)
+    root = tmp_path_factory.mktemp("server-models")
+    varied = copy_model(varied_model, root / "varied-m", {"underwater": {"CIDEr": 0.5, "Bleu_4": 0.2}})
+    return {
+        "varied": TorchCaptionEngine.load(str(varied), CPU),
+        "tiny": TorchCaptionEngine.load(str(tiny_model), CPU),
+        "collapsed": TorchCaptionEngine.load(str(collapsed_model(tiny_model, root / "collapsed")), CPU),
+        # max 16 positions, unchecked: the default max_length of 20 makes every generate call raise IndexError
+        "short": unchecked_engine_class().load(str(init_tiny(root / "short", config=SHORT)), CPU),
+        "root": root,
+    }
