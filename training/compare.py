@@ -73,7 +73,8 @@ def _plots(runs: dict[str, list[Path]], out_dir: Path, stem: str) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for recipe, dirs in runs.items():
         for i, run in enumerate(dirs):
-            evals = [e for e in _read_log(run) if e.get("type") == "eval"]
+            # GuiDG's experts validate by loss: their evaluations have no CIDEr to draw here.
+            evals = [e for e in _read_log(run) if e.get("type") == "eval" and "CIDEr" in e]
             if not evals:
                 continue
             steps = [e["step"] for e in evals]
@@ -155,7 +156,9 @@ def run_compare(
     for recipe in recipes.values():  # a run option some protocol cannot honour fails before any training
         check_honoured(recipe, config)
     check_merge_names(compare.frontier, compare.recipes)
-    if compare.frontier.route and not (inputs.preserve_data and inputs.val and compare.frontier.air_val):
+    if compare.frontier.route and not (
+        inputs.preserve_data and (compare.frontier.val or inputs.val) and compare.frontier.air_val
+    ):
         raise ReefcapError("--route fits a router: pass --preserve-data, --val and --air-val (in-air validation)")
     work, report = Path(compare.work), Path(compare.report)
     splits = {"underwater": Path(compare.test)}
@@ -195,12 +198,13 @@ def _frontier(compare: CompareConfig, inputs: RunInputs, splits: dict, runs: dic
     from .frontier import candidates, evaluate_candidate, fit_compare_router
 
     f, work = compare.frontier, Path(compare.work)
+    val = f.val or inputs.val
     all_splits = dict(splits)
-    if inputs.val and f.air_val:
-        all_splits.update({"val-underwater": Path(inputs.val), "val-in-air": Path(f.air_val)})
+    if val and f.air_val:
+        all_splits.update({"val-underwater": Path(val), "val-in-air": Path(f.air_val)})
     router, accuracy = None, None
     if f.route:
-        router, accuracy = fit_compare_router(inputs.data, inputs.preserve_data, inputs.val, f.air_val, splits, work)
+        router, accuracy = fit_compare_router(inputs.data, inputs.preserve_data, val, f.air_val, splits, work)
     start = load_engine(str(inputs.model), backend="torch")
     results: dict[str, list[dict]] = {}
     kinds: dict[str, str] = {}

@@ -8,12 +8,14 @@ Candidates (one per protocol and seed, evaluated the same way):
 - ``merged NAME a=A`` for each ``--merge`` protocol and ``--merge-alphas`` value: the WiSE-FT merge
   ``(1 - A) start + A model`` (:mod:`reefcap.training.merge`);
 - ``routed NAME`` with ``--route``: the serving policy with that model as primary, the start model for in-air
-  images and the comparison's router (fitted once on ``--data`` vs ``--preserve-data``, threshold on ``--val``
-  vs ``--air-val``: :mod:`reefcap.training.router`).
+  images and the comparison's router (fitted once on ``--data`` vs ``--preserve-data``, threshold on the
+  validation splits below: :mod:`reefcap.training.router`).
 
 Each is scored on the underwater and in-air test splits, on a mixed survey (both test splits together, scored
-as one set), and on the validation splits that choose the default: the highest underwater validation CIDEr
-among candidates keeping at least ``keep_in_air`` (95%) of the start model's in-air validation CIDEr.
+as one set), and on the validation splits that choose the default (``--frontier-val``, default ``--val``, and
+``--air-val``): the highest underwater validation CIDEr among candidates keeping at least ``keep_in_air`` (95%)
+of the start model's in-air validation CIDEr. A ``--frontier-val`` none of the models was trained or selected
+on (another generator seed) keeps models trained elsewhere (``--include``) from being judged on their own data.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class FrontierConfig:
     route: bool = False
     includes: tuple[tuple[str, str], ...] = ()  # (label, model)
     air_val: str | None = None
+    val: str | None = None  # underwater validation for the router and the rule (default: the runs' --val)
     keep_in_air: float = 0.95
 
     @property

@@ -163,6 +163,7 @@ def _compare(args: argparse.Namespace) -> int:
         route=args.route,
         includes=parse_includes(args.include),
         air_val=args.air_val,
+        val=args.frontier_val,
     )
 
     compare = CompareConfig(
@@ -312,6 +313,9 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--no-meteor", action="store_true")
     front = cmp_.add_argument_group("frontier (merges, routing, the chosen default; README 'Serving default')")
     front.add_argument("--air-val", help="in-air validation captions: the router's threshold and the default's rule")
+    front.add_argument(
+        "--frontier-val", help="underwater validation captions for the router and the rule (default: --val)"
+    )
     front.add_argument("--include", action="append", metavar="LABEL=MODEL", help="also compare a ready model")
     front.add_argument("--merge", metavar="NAMES", help="protocols (recipes or include labels) to WiSE-FT merge")
     front.add_argument("--merge-alphas", metavar="A,A", help="values of a in (0, 1): (1 - a) start + a model")
