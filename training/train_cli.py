@@ -82,18 +82,18 @@ def _train_router(args: argparse.Namespace, tests: dict[str, str]) -> dict:
 
 def _decode_options(args: argparse.Namespace):
     from reefcap.models.engines.base import DecodeOptions
+    from reefcap.models.policy import DEFAULT_MAX_LENGTH, DEFAULT_NUM_BEAMS
 
+    # Without --model, `reefcap eval` measures what `reefcap serve` answers by default: its decoding too.
+    serving = getattr(args, "model", "") is None
+    start = DecodeOptions(num_beams=DEFAULT_NUM_BEAMS, max_length=DEFAULT_MAX_LENGTH) if serving else DecodeOptions()
     # validate() raises InvalidOptionsError, a ReefcapError: the CLI reports it as a usage error.
-    return (
-        DecodeOptions()
-        .merged(
-            num_beams=args.beams,
-            max_length=args.max_length,
-            min_length=args.min_length,
-            repetition_penalty=args.repetition_penalty,
-        )
-        .validate()
-    )
+    return start.merged(
+        num_beams=args.beams,
+        max_length=args.max_length,
+        min_length=args.min_length,
+        repetition_penalty=args.repetition_penalty,
+    ).validate()
 
 
 def _eval_models(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -262,7 +262,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--model",
         help="model to score (default: what `reefcap serve` answers by default: its primary, routed with its "
-        "fallback where the primary has a router)",
+        "fallback where the primary has a router, and its decoding, greedy, unless --beams etc. say otherwise)",
     )
     ev.add_argument("--data", required=True, help="test captions")
     ev.add_argument("--out", help="write metrics here (JSON); predictions go beside it in COCO results format")
