@@ -183,3 +183,21 @@ def test_logistic_fit_separates_and_is_deterministic():
     assert ((x @ w + b > 0) == y).mean() > 0.97
     w2, b2 = logistic_fit(x, y)
     assert np.array_equal(w, w2) and b == b2
+
+
+def test_a_router_is_found_beside_the_weights_loaded_even_through_a_shared_export(tiny_model, tmp_path):
+    """Two folders with the same weights share one ONNX export (keyed by the weights), whose manifest names the
+    folder it was made from; the router must come from the folder that was asked for."""
+    import shutil
+
+    from reefcap.models.engines.loader import load_engine
+
+    plain, routed = tmp_path / "plain", tmp_path / "routed"
+    shutil.copytree(tiny_model, plain)
+    shutil.copytree(tiny_model, routed)
+    cast_router().save(routed)
+    first = load_engine(str(plain), backend="onnx")
+    second = load_engine(str(routed), backend="onnx")
+    assert first.describe().source == second.describe().source  # one export for both
+    assert find_router(first) is None and find_router(second) == cast_router()
+    assert CaptionPolicy(second, first).router == cast_router()
