@@ -141,7 +141,15 @@ def fit_compare_router(train: str, air: str, val: str, air_val: str, tests: dict
     for name, path in tests.items():
         accuracy[name] = route_accuracy(router, load_records(path), domain_of)
     folder.mkdir(parents=True, exist_ok=True)
-    router.save(folder)
+    router = Router(
+        router.mean,
+        router.scale,
+        router.weights,
+        router.bias,
+        router.threshold,
+        {**router.info, "data": key, "accuracy": accuracy},
+    )
+    router.save(folder)  # ready to copy beside a chosen model's weights
     write_json(folder / "accuracy.json", accuracy)
     write_json(saved, key)
     return router, accuracy
@@ -150,9 +158,10 @@ def fit_compare_router(train: str, air: str, val: str, air_val: str, tests: dict
 def evaluate_candidate(c: Candidate, start_engine, router, splits: dict[str, Path], cache: Path) -> dict[str, Any]:
     """Scores of ``c`` on every split and the mixed survey, cached in ``cache`` (redone when the splits change)."""
     key = {k: str(v) for k, v in splits.items()}
+    what = {"model": c.model, "routed": c.routed}  # a label reused for another model must not reuse its scores
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("splits") == key:
+        if cached.get("splits") == key and cached.get("candidate") == what:
             return cached
     from reefcap.models.engines.loader import load_engine
     from reefcap.models.policy import CaptionPolicy
@@ -162,7 +171,7 @@ def evaluate_candidate(c: Candidate, start_engine, router, splits: dict[str, Pat
 
     engine = start_engine if c.name == "start" else load_engine(c.model, backend="torch")
     policy = CaptionPolicy(engine, start_engine if c.routed else None, router=router if c.routed else None)
-    out: dict[str, Any] = {"splits": key}
+    out: dict[str, Any] = {"splits": key, "candidate": what}
     predictions: dict[str, tuple[list, list]] = {}
     for name, path in splits.items():
         records = load_records(path)
