@@ -5,8 +5,9 @@ model (the primary), because each loses on the other's domain: the adapted model
 model's in-air CIDEr, and the pretrained model misses 40-60% of the adaptation underwater.
 
 The router is a logistic regression on 18 colour and contrast statistics of a 32 x 32 thumbnail (what water does
-to light: red absorbed within metres, blue-green cast, veiled low contrast, blur), in numpy: about 0.1 ms an
-image next to tens of milliseconds of decoding a caption, and no torch on the serving path. It is fitted by
+to light: red absorbed within metres, blue-green cast, veiled low contrast, blur), in numpy, computed for a
+whole batch at once: well under a millisecond an image (``make bench-server`` times it next to captioning), and
+no torch on the serving path. It is fitted by
 ``reefcap router fit`` (:mod:`reefcap.training.router`), which also chooses its threshold on validation data, and
 it is saved beside the adapted model's weights as :data:`ROUTER_FILE`, listed with the other files in the
 checkpoint's ``manifest.json``; :func:`find_router` reads it from the checkpoint folder a loaded engine came from.
@@ -70,42 +71,45 @@ def thumbnail(image: Image.Image) -> np.ndarray:
 
 def features(image: Image.Image) -> np.ndarray:
     """The router's :data:`FEATURES` of one decoded image (float32, in that order)."""
-    a = thumbnail(image)
-    r, g, b = a[..., 0], a[..., 1], a[..., 2]
-    hi, lo = a.max(-1), a.min(-1)
-    pr = np.percentile(r, (5, 95))
-    pb = np.percentile(b, (5, 95))
-    # Dark channel (He et al.): the minimum over colours and a 4 x 4 patch is near 0 in clear air and lifted by
-    # the veiling light of water; red's share of the light is what absorption removes first.
-    dark = lo.reshape(THUMB // 4, 4, THUMB // 4, 4).min(axis=(1, 3)).mean()
-    values = (
-        r.mean(),
-        g.mean(),
-        b.mean(),
-        r.std(),
-        g.std(),
-        b.std(),
-        (g - r).mean(),
-        (b - r).mean(),
-        (g - b).mean(),
-        ((hi - lo) / (hi + 1e-3)).mean(),
-        lo.mean(),
-        hi.mean() - lo.mean(),
-        np.abs(np.diff(a, axis=0)).mean(),
-        np.abs(np.diff(a, axis=1)).mean(),
-        pr[1] - pr[0],
-        pb[1] - pb[0],
-        dark,
-        r.sum() / (a.sum() + 1e-3),
-    )
-    return np.asarray(values, dtype=np.float32)
+    return feature_matrix([image])[0]
 
 
 def feature_matrix(images: Sequence[Image.Image]) -> np.ndarray:
-    """``(N, len(FEATURES))``: the features of every image."""
+    """``(N, len(FEATURES))``: the features of every image, computed on the stacked thumbnails at once (numpy's
+    per-call overhead, paid per image, was most of the router's cost)."""
     if not images:
         return np.zeros((0, len(FEATURES)), dtype=np.float32)
-    return np.stack([features(im) for im in images])
+    a = np.stack([thumbnail(im) for im in images])  # (N, THUMB, THUMB, 3)
+    n = len(a)
+    r, g, b = a[..., 0].reshape(n, -1), a[..., 1].reshape(n, -1), a[..., 2].reshape(n, -1)
+    hi, lo = a.max(-1), a.min(-1)  # (N, THUMB, THUMB)
+    pr = np.percentile(r, (5, 95), axis=1)
+    pb = np.percentile(b, (5, 95), axis=1)
+    # Dark channel (He et al.): the minimum over colours and a 4 x 4 patch is near 0 in clear air and lifted by
+    # the veiling light of water; red's share of the light is what absorption removes first.
+    dark = lo.reshape(n, THUMB // 4, 4, THUMB // 4, 4).min(axis=(2, 4)).mean(axis=(1, 2))
+    per_image = (1, 2)
+    columns = (
+        r.mean(1),
+        g.mean(1),
+        b.mean(1),
+        r.std(1),
+        g.std(1),
+        b.std(1),
+        (g - r).mean(1),
+        (b - r).mean(1),
+        (g - b).mean(1),
+        ((hi - lo) / (hi + 1e-3)).mean(per_image),
+        lo.mean(per_image),
+        hi.mean(per_image) - lo.mean(per_image),
+        np.abs(np.diff(a, axis=1)).mean(axis=(1, 2, 3)),
+        np.abs(np.diff(a, axis=2)).mean(axis=(1, 2, 3)),
+        pr[1] - pr[0],
+        pb[1] - pb[0],
+        dark,
+        r.sum(1) / (a.sum(axis=(1, 2, 3)) + 1e-3),
+    )
+    return np.stack(columns, axis=1).astype(np.float32)
 
 
 @dataclass(frozen=True)
