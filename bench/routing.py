@@ -1,18 +1,21 @@
 """What routing costs: the serving default routed against the same models unrouted, on an all-underwater load.
 
-Part of ``make bench-server`` (:mod:`reefcap.bench.vs`). Two ``reefcap serve`` processes run side by side on
-127.0.0.1 with the same primary and fallback: one as bundled (its router beside its weights), one from a copy of
-the primary's folder without ``reefcap_router.json`` (nothing routed). The load is the 23 EUVP photos, all
-underwater (every one routed to the primary), so the difference is the router's own cost (features of each
-image, the batch split, the hop to a thread for it), not a different model answering. Measured A B A B with the
-other server paused, as the LitServe comparison is.
+Part of ``make bench-server``, run after :mod:`reefcap.bench.vs` (``python -m reefcap.bench.routing``). Two
+``reefcap serve`` processes run side by side on 127.0.0.1 with the same primary and fallback: one as bundled (its
+router beside its weights), one from a copy of the primary's folder without ``reefcap_router.json`` (nothing
+routed). The load is the 23 EUVP photos, all underwater (every one routed to the primary), so the difference is
+the router's own cost (features of each image, the batch split, the hop to a thread for it), not a different
+model answering. Measured A B A B with the other server paused, as the LitServe comparison is.
 
 :func:`router_cost` also times the router alone against captioning on the same decoded photos, in-process.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -122,3 +125,32 @@ def routing_table(rows: list[dict], cost: dict | None) -> list[str]:
             "photos routed underwater"
         )
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m reefcap.bench.routing``: the routed vs unrouted comparison and the router alone."""
+    from reefcap.models.policy import DEFAULT_PRIMARY
+
+    from .server import _images
+    from .vs import cpu_name
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: one round, few requests")
+    parser.add_argument("--rounds", type=int, default=2, help="A B rounds per concurrency")
+    parser.add_argument("--requests", type=int, default=8, help="requests per connection")
+    parser.add_argument("--timeout", type=float, default=180.0, help="client-side limit per request, seconds")
+    parser.add_argument("--out", help="also write every row as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.requests = 1, 2
+    images = _images(23)
+    print(f"CPU: {cpu_name()}; routing: {DEFAULT_PRIMARY} routed vs unrouted", flush=True)
+    rows = compare_routing(images, (1, 8, 32), args.rounds, args.requests, args)
+    print("\n".join(routing_table(rows, router_cost(DEFAULT_PRIMARY, images))))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -269,13 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-threads", type=int, default=1, help="the peer's torch threads (0: torch's default)")
     parser.add_argument("--base-path", help="an existing blip-base-shape checkpoint (else one is made)")
     parser.add_argument("--out", help="also write every row as JSON here")
-    parser.add_argument("--no-routing", action="store_true", help="skip the routed vs unrouted comparison")
-    parser.add_argument("--routing-only", action="store_true", help="only the routed vs unrouted comparison")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.requests, args.base = 1, 2, "none"
-    if args.routing_only:
-        return _routing(args, _images(23))
 
     print(f"CPU: {cpu_name()}; load client: {CLIENT}; load average now {os.getloadavg()}", flush=True)
     print(
@@ -306,21 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.out:
         Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "client": CLIENT, "results": results}, indent=1))
-    return 0 if args.no_routing else _routing(args, images)
-
-
-def _routing(args, images: list[bytes]) -> int:
-    """The routed vs unrouted comparison (:mod:`reefcap.bench.routing`), printed after the peer's."""
-    from reefcap.models.policy import DEFAULT_PRIMARY
-
-    from .routing import compare_routing, router_cost, routing_table
-
-    print(f"CPU: {cpu_name()}; routing: {DEFAULT_PRIMARY} routed vs unrouted", flush=True)
-    rows = compare_routing(images, (1, 8, 32), args.rounds, args.requests, args)
-    print("\n".join(routing_table(rows, router_cost(DEFAULT_PRIMARY, images))))
-    if args.out:
-        path = Path(args.out)
-        path.with_name(path.stem + "-routing.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=1))
     return 0
 
 
