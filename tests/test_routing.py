@@ -139,7 +139,7 @@ def test_router_file_round_trip_and_refusals(tmp_path):
     assert np.allclose(again.probabilities(x), r.probabilities(x)) and again.threshold == 0.7
     data = json.loads((tmp_path / ROUTER_FILE).read_text())
     for broken, message in (
-        ({**data, "format": "other"}, "not a reefcap-router-1"),
+        ({**data, "format": "other"}, "not a reefcap-router-2"),
         ({**data, "features": data["features"][::-1]}, "other features"),
         ({**data, "threshold": 0.3}, "threshold must be in [0.5, 1)"),
         ({**data, "weights": [1.0]}, "features"),

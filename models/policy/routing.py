@@ -37,7 +37,7 @@ from reefcap.models.policy.results import CaptionResult, Route
 log = logging.getLogger("reefcap.policy")
 
 ROUTER_FILE = "reefcap_router.json"
-ROUTER_FORMAT = "reefcap-router-1"
+ROUTER_FORMAT = "reefcap-router-2"  # 2: box-filtered thumbnail (1 was bilinear)
 UNDERWATER, IN_AIR = "underwater", "in_air"
 THUMB = 32  # the features are measured on a THUMB x THUMB copy: the colour cast survives any resolution
 FEATURES = (
@@ -63,10 +63,26 @@ FEATURES = (
 
 
 def thumbnail(image: Image.Image) -> np.ndarray:
-    """A ``THUMB x THUMB`` RGB copy of ``image`` as floats in [0, 1]. ``reducing_gap`` first shrinks a large
-    photo by whole factors (cheap), so a 12 MP image costs a few milliseconds, not a full-resolution resample."""
-    small = image.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    """A ``THUMB x THUMB`` RGB copy of ``image`` as floats in [0, 1]: a box filter, shrinking by whole factors
+    first (``reducing_gap=1``), so the photo is read once. The router's cost is this pass over the full image:
+    a bilinear resample took 2-3x as long, for the same statistics of colour and contrast."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    small = rgb.resize((THUMB, THUMB), Image.Resampling.BOX, reducing_gap=1.0)
     return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def _spread(x: np.ndarray, low: float = 5, high: float = 95) -> np.ndarray:
+    """Per row, the ``high`` minus the ``low`` percentile (numpy's linear rule) from one sort of each row (a
+    vectorised sort of 1,024 floats is several times faster than ``np.percentile`` or ``np.partition`` here)."""
+    ordered = np.sort(x, axis=1)
+    n = x.shape[1]
+
+    def at(q: float) -> np.ndarray:
+        pos = q / 100 * (n - 1)
+        lo, hi = int(pos), min(int(pos) + 1, n - 1)
+        return ordered[:, lo] + (ordered[:, hi] - ordered[:, lo]) * (pos - lo)
+
+    return at(high) - at(low)
 
 
 def features(image: Image.Image) -> np.ndarray:
@@ -82,9 +98,9 @@ def feature_matrix(images: Sequence[Image.Image]) -> np.ndarray:
     a = np.stack([thumbnail(im) for im in images])  # (N, THUMB, THUMB, 3)
     n = len(a)
     r, g, b = a[..., 0].reshape(n, -1), a[..., 1].reshape(n, -1), a[..., 2].reshape(n, -1)
-    hi, lo = a.max(-1), a.min(-1)  # (N, THUMB, THUMB)
-    pr = np.percentile(r, (5, 95), axis=1)
-    pb = np.percentile(b, (5, 95), axis=1)
+    planes = a[..., 0], a[..., 1], a[..., 2]
+    # (N, THUMB, THUMB); element-wise over the three planes: a reduction over the length-3 axis was 5x slower
+    hi, lo = np.maximum(np.maximum(*planes[:2]), planes[2]), np.minimum(np.minimum(*planes[:2]), planes[2])
     # Dark channel (He et al.): the minimum over colours and a 4 x 4 patch is near 0 in clear air and lifted by
     # the veiling light of water; red's share of the light is what absorption removes first.
     dark = lo.reshape(n, THUMB // 4, 4, THUMB // 4, 4).min(axis=(2, 4)).mean(axis=(1, 2))
@@ -104,8 +120,8 @@ def feature_matrix(images: Sequence[Image.Image]) -> np.ndarray:
         hi.mean(per_image) - lo.mean(per_image),
         np.abs(np.diff(a, axis=1)).mean(axis=(1, 2, 3)),
         np.abs(np.diff(a, axis=2)).mean(axis=(1, 2, 3)),
-        pr[1] - pr[0],
-        pb[1] - pb[0],
+        _spread(r),
+        _spread(b),
         dark,
         r.sum(1) / (a.sum(axis=(1, 2, 3)) + 1e-3),
     )
