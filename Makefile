@@ -51,6 +51,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 BENCH_SERVER_ARGS ?=
 bench-server: $(BENCH_STAMP)
 	$(PY) -m reefcap.bench.vs $(BENCH_SERVER_ARGS)
+	$(PY) -m reefcap.bench.routing $(filter --quick,$(BENCH_SERVER_ARGS))
 
 # The server against the naive transformers pipeline (one image at a time) and the per-stage CPU costs.
 bench-server-naive: install

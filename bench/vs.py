@@ -146,11 +146,11 @@ def _wait_ready(proc: subprocess.Popen, url: str, ready_s: float) -> None:
     raise SystemExit(f"{url}: not ready in {ready_s:.0f} s")
 
 
-def start_reefcap(model: str, tmp: Path) -> tuple[subprocess.Popen, int]:
-    """``reefcap serve`` with its defaults (no fallback: both servers run the one checkpoint)."""
+def start_reefcap(model: str, tmp: Path, fallback: str = "none") -> tuple[subprocess.Popen, int]:
+    """``reefcap serve`` with its defaults (no fallback by default: both servers run the one checkpoint)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "reefcap.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--model"]
-    cmd += [model, "--fallback", "none", "--log-level", "warning", "--feedback-db", str(tmp / f"fb-{port}.sqlite3")]
+    cmd += [model, "--fallback", fallback, "--log-level", "warning", "--feedback-db", str(tmp / f"fb-{port}.sqlite3")]
     proc = subprocess.Popen(cmd, start_new_session=True)
     _wait_ready(proc, f"http://127.0.0.1:{port}/readyz", 900)
     return proc, port

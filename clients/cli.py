@@ -93,6 +93,7 @@ def _caption(args: argparse.Namespace) -> int:
 
     counts = {"captioned": 0, "failed": 0}
     fallbacks: Counter[str] = Counter()  # images the fallback answered, by reason (every mode's lines say)
+    routes: Counter[str] = Counter()  # images by the router's domain (lines of a routed model say)
     bar = None
     try:  # from here on the results file is locked: closed (and unlocked) however the run ends
         run = _source(args, options, config)
@@ -108,6 +109,7 @@ def _caption(args: argparse.Namespace) -> int:
             counts["failed"] += failed
             counts["captioned"] += len(records) - failed
             fallbacks.update(r["fallback"]["reason"] for r in records if (r.get("fallback") or {}).get("used"))
+            routes.update(r["route"]["domain"] for r in records if r.get("route"))
             bar.update(len(records))
     finally:
         if bar is not None:
@@ -118,6 +120,7 @@ def _caption(args: argparse.Namespace) -> int:
     summary = {
         **counts,
         "fallbacks": dict(fallbacks),
+        "routes": dict(routes),
         "skipped": len(inputs) - len(todo),
         "seconds": round(elapsed, 3),
         "images_per_second": round(len(todo) / elapsed, 3) if elapsed > 0 and todo else 0.0,

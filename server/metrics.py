@@ -95,6 +95,12 @@ class Metrics:
             registry=r,
         )
         self.feedback = Counter("reefcap_feedback_references_total", "Reference captions received", registry=r)
+        self.routes = Counter(
+            "reefcap_route_images_total",
+            "Images by the router's domain (underwater, in_air) and the model that answered them",
+            ["domain", "model"],
+            registry=r,
+        )
         self.water_types = Counter(
             "reefcap_water_type_images_total",
             "Images served by a water-type experts model, by its estimated water type",

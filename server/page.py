@@ -45,14 +45,15 @@ rolling scores against your references.</p>
 </div>
 <p id="status" role="status"></p>
 <table id="results" hidden>
-  <thead><tr><th>Image</th><th>Caption</th><th>Model</th><th>Fallback</th><th>Water type</th><th>UIQM</th><th>UCIQE</th>
-  <th>Reference captions (one a line)</th></tr></thead>
+  <thead><tr><th>Image</th><th>Caption</th><th>Model</th><th>Route</th><th>Fallback</th><th>Water type</th>
+  <th>UIQM</th><th>UCIQE</th><th>Reference captions (one a line)</th></tr></thead>
   <tbody></tbody>
 </table>
 <template id="row-template">
   <tr class="pending">
     <td><img class="thumb" alt=""><div class="muted name"></div></td>
-    <td class="caption">captioning...</td><td class="model"></td><td class="fallback"></td><td class="water"></td>
+    <td class="caption">captioning...</td><td class="model"></td><td class="route"></td><td class="fallback"></td>
+    <td class="water"></td>
     <td class="uiqm num"></td><td class="uciqe num"></td>
     <td><textarea class="refs" disabled></textarea><br>
       <button class="send" type="button" disabled>Send references</button> <span class="feedback muted"></span></td>
@@ -136,6 +137,9 @@ async function captionOne(file, row) {
     row.dataset.model = r.model.name;
     cell("caption").textContent = r.caption;
     cell("model").textContent = r.model.name + " (" + r.model.version + ", " + r.model.backend + ")";
+    const route = r.route;  // null unless the serving model has a router
+    cell("route").textContent = route ? route.domain.replace("_", " ") + " -> " + route.model +
+      " (p underwater " + fmt(route.probability, 2) + ")" : "n/a";
     cell("fallback").textContent = r.fallback.used ? "yes: " + r.fallback.reason : "no";
     const w = r.water_type;  // null unless the model is a water-type experts model
     cell("water").textContent = w ? w.label + " (" + fmt(w.probability, 2) + ")" : "n/a";

@@ -93,7 +93,9 @@ class Reloader:
             folder = Path(target)
         gate_set, items = self.gate.items()
         serving = self.pool.primary.engine if self.pool.primary else None
-        return run_gate(engine, folder, serving, items, gate_set, self.gate.options, self.gate.config)
+        # With an in-air model, both primaries are judged as served: routed, on underwater and in-air images.
+        in_air = self.pool.fallback.engine if self.pool.fallback else None
+        return run_gate(engine, folder, serving, items, gate_set, self.gate.options, self.gate.config, in_air=in_air)
 
     async def reload(self, model: str | None = None) -> dict[str, Any]:
         """Load ``model`` (default: the configured primary, re-read from disk) and swap it in if the gate accepts."""

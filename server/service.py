@@ -203,6 +203,8 @@ class CaptionService:
         m.images.labels(model=s.model.name).inc()
         m.caption_words.observe(len(s.caption.split()))
         m.confidence.observe(s.confidence)
+        if s.route is not None:  # a routed primary: where the router sent this image
+            m.routes.labels(domain=s.route.domain, model=s.route.model).inc()
         if s.water_type:  # water-type experts only: their estimate for this image
             m.water_types.labels(model=s.model.name, water_type=s.water_type["label"]).inc()
         if d.uiqm is not None:

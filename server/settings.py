@@ -24,6 +24,8 @@ from reefcap.models.policy import (
     DEFAULT_BREAKER_FAILURES,
     DEFAULT_BREAKER_RESET_S,
     DEFAULT_FALLBACK,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_NUM_BEAMS,
     DEFAULT_PRIMARY,
 )
 
@@ -102,8 +104,10 @@ class ServerSettings(BaseSettings):
     )
 
     # Greedy is the fastest and gives the same caption whatever the batch it lands in.
-    num_beams: int = Field(1, ge=1, le=16, description="default beam width (requests may override)")
-    max_length: int = Field(20, ge=2, le=512, description="default maximum tokens (requests may override)")
+    num_beams: int = Field(DEFAULT_NUM_BEAMS, ge=1, le=16, description="default beam width (requests may override)")
+    max_length: int = Field(
+        DEFAULT_MAX_LENGTH, ge=2, le=512, description="default maximum tokens (requests may override)"
+    )
 
     # Decompression bombs are stopped from the image header by max_pixels.
     max_image_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest image file, in bytes (16 MiB)")

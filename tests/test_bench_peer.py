@@ -62,4 +62,12 @@ def test_quick_side_by_side_run(tmp_path, capsys):
     for r in rows:
         assert r["goodput"] > 0 and r["client_cpu_ms_per_req"] > 0 and r["server_cpu_ms_per_req"] > 0
         assert r["server"] == "litserve" or r["errors"] == 0
-    assert "ratio = reefcap goodput / LitServe goodput" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ratio = reefcap goodput / LitServe goodput" in printed
+    # Then the serving default routed against itself unrouted, side by side on the all-underwater photos.
+    routing = json.loads((tmp_path / "bench-routing.json").read_text())["rows"]
+    assert sorted((r["server"], r["concurrency"]) for r in routing) == sorted(
+        (s, c) for s in ("routed", "unrouted") for c in (1, 8, 32)
+    )
+    assert all(r["errors"] == 0 and r["goodput"] > 0 for r in routing)
+    assert "router alone:" in printed and "23/23 photos routed underwater" in printed

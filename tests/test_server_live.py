@@ -16,7 +16,9 @@ import httpx
 import pytest
 from server_helpers import LiveServer, _samples, copy_model, corrupt_copy, headless_page, metric, metric_or_zero
 
+from reefcap.models.engines.manifests import checkpoint_manifest
 from reefcap.models.engines.precision import cpu_flags
+from reefcap.models.policy import DEFAULT_PRIMARY
 from reefcap.models.policy.rolling import MIN_CIDER_IMAGES
 
 KEY = "test-key"
@@ -127,24 +129,27 @@ def test_default_settings_serve_the_bundled_models_on_onnx(euvp_images, tmp_path
     srv = LiveServer({**env, "REEFCAP_ADMIN_KEY": "admin-key"}, tmp_path / "log")
     try:
         ready = httpx.get(srv.url + "/readyz", timeout=10).json()
-        assert ready["primary"]["name"] == "reefscenes-tiny-damf", ready
+        assert ready["primary"]["name"] == DEFAULT_PRIMARY, ready
         assert ready["primary"]["backend"] == ready["fallback"]["backend"] == "onnx", ready
-        # dtype auto: the bundled primary's stored int8 agreement holds on AVX2 and AVX-512 VNNI CPUs
-        int8 = bool(cpu_flags() & {"avx2", "avx512_vnni"})
+        # dtype auto: int8 where the bundled primary's stored int8 agreement was measured on this kind of CPU
+        measured_on = set(checkpoint_manifest(DEFAULT_PRIMARY)["int8_agreement"]["cpu_flags"])
+        int8 = bool(cpu_flags() & measured_on)
         assert (ready["primary"]["dtype"], ready["fallback"]["dtype"]) == ("int8" if int8 else "fp32", "fp32"), ready
         files = [("images", (euvp_images[0].name, euvp_images[0].read_bytes(), "image/jpeg"))]
         r = httpx.post(srv.url + "/v1/captions", files=files, timeout=60)
         assert r.status_code == 200, r.text
         result = r.json()["results"][0]
         assert result["caption"] and result["fallback"] == {"used": False, "reason": None}
-        assert result["model"] == {**result["model"], "name": "reefscenes-tiny-damf", "backend": "onnx"}
+        assert result["model"] == {**result["model"], "name": DEFAULT_PRIMARY, "backend": "onnx"}
+        # A real underwater photo, routed to the adapted model by the router shipped beside its weights.
+        assert result["route"] == {**result["route"], "domain": "underwater", "model": DEFAULT_PRIMARY}
         assert len(list(cache.rglob("encoder.onnx"))) == 2  # primary and fallback exported, not PyTorch's weights
         # Offline, the same defaults through the same loader: the same model object and caption (server: greedy).
         cmd = [sys.executable, "-m", "reefcap.cli", "caption", str(euvp_images[0]), "--greedy", "-q"]
         line = json.loads(
             subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, **env}).stdout
         )
-        assert (line["model"], line["caption"]) == (result["model"], result["caption"])
+        assert (line["model"], line["caption"], line["route"]) == (result["model"], result["caption"], result["route"])
         # A hot reload loads through the same loader and config: the primary keeps its backend and dtype.
         before = {k: ready["primary"][k] for k in ("name", "backend", "dtype", "version")}
         r = httpx.post(

@@ -8,6 +8,10 @@
    several ``--protocols`` may be tried: the one with the best validation CIDEr among those that keep in-air
    CIDEr within ``--forgetting-budget`` of the base model's (default 10%) wins; when none does, the one that
    forgets least, and the summary says so.
+   With both in-air files a router is fitted too (``--data`` vs ``--preserve-data``, threshold on the
+   validation split vs ``--air-val``: :mod:`reefcap.training.router`) and saved with the model, and forgetting
+   is judged on the routed system, as the server serves it: in-air images on ``--in-air-model`` (the server's
+   fallback) where the router says so. A model that forgot the surface but routes around it passes.
 3. Training stops early when validation CIDEr has not improved for ``--patience`` validations. Learning rates
    are the recipe's, times 10 for models under 40 MB of weights (the tiny BLIPs were pretrained at 5e-4), unless
    ``--lr-scale`` says otherwise.
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from reefcap.models.errors import ReefcapError
-from reefcap.models.policy import DEFAULT_PRIMARY
+from reefcap.models.policy import DEFAULT_FALLBACK, DEFAULT_PRIMARY
 
 DEFAULT_BASE = DEFAULT_PRIMARY  # adapt what is served unless told otherwise
 DEFAULT_PROTOCOL = "damf_preserve"
@@ -57,6 +61,7 @@ class AdaptConfig:
     seed: int = 0
     export: bool = True
     progress: bool = True
+    in_air_model: str = DEFAULT_FALLBACK  # answers in-air images where the router says so (the server's fallback)
 
 
 def resolve_data(config: AdaptConfig, work: Path) -> tuple[str, str]:
@@ -143,22 +148,51 @@ def choose(candidates: list[dict[str, Any]], base_air: float | None, budget: flo
     return best, f"{best['protocol']}: {why} (forgets {best['forgetting']:.1%} of in-air CIDEr)"
 
 
-def _base_air_cider(config: AdaptConfig) -> float | None:
+def _base_air_cider(config: AdaptConfig, routed: bool = False) -> float | None:
+    """The base model's in-air CIDEr on ``--air-val``; ``routed``: as served, with its own router (if any) and
+    the in-air model, the reference a routed candidate is judged against."""
     if not config.air_val:
         return None
+    return _air_cider(config.base, config, routed)
+
+
+def _air_cider(model: str, config: AdaptConfig, routed: bool) -> float:
     from reefcap.models.engines.loader import load_engine
+    from reefcap.models.policy import CaptionPolicy
 
     from .data import load_records
     from .evaluation import evaluate
 
-    engine = load_engine(config.base, backend="torch")
+    engine = load_engine(model, backend="torch")
+    in_air = load_engine(config.in_air_model, backend="torch") if routed else None
+    policy = CaptionPolicy(engine, in_air)  # routes with the router saved with `model`, where it has one
     try:
-        return float(evaluate(engine, load_records(config.air_val), meteor=False)[0]["CIDEr"])
+        return float(evaluate(policy, load_records(config.air_val), meteor=False)[0]["CIDEr"])
     finally:
-        engine.close()
+        policy.close()
+        for e in (engine, in_air):
+            if e is not None:
+                e.close()
 
 
-def _publish(best: dict[str, Any], out: Path, why: str, extra: dict[str, Any]) -> dict[str, Any]:
+def _route_candidates(runs: list[dict[str, Any]], config: AdaptConfig, train: str, val: str) -> dict | None:
+    """With in-air training and validation data: fit a router into every candidate and measure its in-air CIDEr
+    routed (the model alone's stays under ``in-air (model alone)``); returns the router section, else None."""
+    if not (config.preserve_data and config.air_val):
+        return None
+    from .router import attach_router
+
+    data = {"underwater": train, "air": config.preserve_data, "val_underwater": val, "val_air": config.air_val}
+    section = None
+    for run in runs:
+        section = attach_router(Path(run["run"]) / "best", data)
+        metrics = run["manifest"]["metrics"]
+        metrics["in-air (model alone)"] = metrics.get("in-air")
+        metrics["in-air"] = {"CIDEr": round(_air_cider(str(Path(run["run"]) / "best"), config, True), 6)}
+    return section
+
+
+def _publish(best: dict[str, Any], out: Path, why: str, extra: dict[str, Any], router=None) -> dict[str, Any]:
     """Copy the chosen checkpoint to ``out`` and rewrite its manifest with the selection (hashes recomputed)."""
     from .zoo import write_manifest
 
@@ -166,6 +200,8 @@ def _publish(best: dict[str, Any], out: Path, why: str, extra: dict[str, Any]) -
         shutil.rmtree(out)
     shutil.copytree(Path(best["run"]) / "best", out)
     manifest = {k: v for k, v in best["manifest"].items() if k != "files"}
+    if router is not None:
+        manifest["router"] = router
     manifest.update(name=out.name, selection={"chosen": best["protocol"], "why": why, **extra})
     return write_manifest(out, manifest)
 
@@ -181,14 +217,18 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
         raise ReefcapError(f"--forgetting-budget must be in [0, 1), got {config.forgetting_budget}")
     train, val = resolve_data(config, work)
     lr_scale = config.lr_scale if config.lr_scale is not None else default_lr_scale(config.base)
-    base_air = _base_air_cider(config)
+    routed = bool(config.preserve_data and config.air_val)
+    base_air = _base_air_cider(config, routed)
     runs = [_train_one(name, config, train, val, work, lr_scale) for name in config.protocols]
+    router = _route_candidates(runs, config, train, val)
     best, why = choose(runs, base_air, config.forgetting_budget)
-    extra = {"lr_scale": lr_scale, "base_in_air_CIDEr": base_air}
+    extra = {"lr_scale": lr_scale, "base_in_air_CIDEr": base_air, "judged": "routed" if routed else "model alone"}
     extra["candidates"] = {r["protocol"]: r["manifest"]["metrics"] for r in runs}
-    manifest = _publish(best, out, why, extra)
+    manifest = _publish(best, out, why, extra, router)
     result = {"model": str(out), "run": best["run"], "report": str(Path(best["run"]) / "report.md"), "why": why}
     result.update(metrics=manifest["metrics"], stopped_early=best["summary"].get("stopped_early"))
+    if router is not None:
+        result["router"] = {k: router[k] for k in ("threshold", "accuracy")}
     if config.export:
         from reefcap.models.export.onnx import cached_export
 
@@ -246,6 +286,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         export=not args.no_export,
         progress=not args.no_progress,
+        in_air_model=args.in_air_model,
     )
     admin_key = args.admin_key or os.environ.get("REEFCAP_ADMIN_KEY")
     result = adapt(config)
@@ -276,6 +317,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preserve-data", help="in-air captions: mixed into training so the model keeps its in-air skill")
     p.add_argument("--air-val", help="in-air validation captions: measures forgetting, chooses among --protocols")
     p.add_argument("--protocols", help=f"recipes to try (default {DEFAULT_PROTOCOL}; {CHOOSE_AMONG} with --air-val)")
+    p.add_argument(
+        "--in-air-model",
+        default=DEFAULT_FALLBACK,
+        help=f"with --preserve-data and --air-val: the model in-air images are routed to (default {DEFAULT_FALLBACK})",
+    )
     p.add_argument("--forgetting-budget", type=float, default=0.10, help="largest share of in-air CIDEr to lose")
     p.add_argument("--patience", type=int, default=3, help="validations without a better CIDEr before stopping")
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply the recipe's epochs")

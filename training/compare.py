@@ -19,6 +19,7 @@ from reefcap.models.errors import ReefcapError
 
 from .config import GROUPS, TrainConfig, load_recipe
 from .evaluation import write_json
+from .frontier import FrontierConfig
 from .runs import RunInputs, run_training, scaled_recipe
 
 TABLE_UNDERWATER = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -72,7 +73,8 @@ def _plots(runs: dict[str, list[Path]], out_dir: Path, stem: str) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for recipe, dirs in runs.items():
         for i, run in enumerate(dirs):
-            evals = [e for e in _read_log(run) if e.get("type") == "eval"]
+            # GuiDG's experts validate by loss: their evaluations have no CIDEr to draw here.
+            evals = [e for e in _read_log(run) if e.get("type") == "eval" and "CIDEr" in e]
             if not evals:
                 continue
             steps = [e["step"] for e in evals]
@@ -125,6 +127,7 @@ class CompareConfig:
     lr_scale: float = 1.0
     first_seed: int = 0  # train only seeds first_seed..seeds-1 (a second process sharing the work of one grid)
     report_only: bool = False  # train nothing: report the runs already finished in `work`
+    frontier: FrontierConfig = FrontierConfig()  # merges, routed systems, included models, the chosen default
 
 
 def run_compare(
@@ -147,10 +150,16 @@ def run_compare(
         raise ReefcapError("a recipe with knowledge preservation is listed: pass --preserve-data (in-air captions)")
     if compare.seeds < 1:
         raise ReefcapError("--seeds must be >= 1")
+    from .frontier import check_merge_names
     from .protocols import check_honoured
 
     for recipe in recipes.values():  # a run option some protocol cannot honour fails before any training
         check_honoured(recipe, config)
+    check_merge_names(compare.frontier, compare.recipes)
+    if compare.frontier.route and not (
+        inputs.preserve_data and (compare.frontier.val or inputs.val) and compare.frontier.air_val
+    ):
+        raise ReefcapError("--route fits a router: pass --preserve-data, --val and --air-val (in-air validation)")
     work, report = Path(compare.work), Path(compare.report)
     splits = {"underwater": Path(compare.test)}
     if compare.test_air:
@@ -175,14 +184,60 @@ def run_compare(
             runs.setdefault(name, []).append(out)
             results.setdefault(name, []).append(_evaluate(out / "best", splits, out / "test-eval.json", compare.meteor))
             _write_report(compare, inputs, results, splits, runs)
+    if compare.frontier.active:
+        families = {n: "experts" if r.experts else n.partition("@")[0] for n, r in recipes.items()}
+        _write_report(compare, inputs, results, splits, runs, _frontier(compare, inputs, splits, runs, families))
     return report
 
 
-def _write_report(compare: CompareConfig, inputs: RunInputs, results, splits, runs) -> None:
+def _frontier(compare: CompareConfig, inputs: RunInputs, splits: dict, runs: dict, families: dict) -> list[str]:
+    """Evaluate every frontier candidate (see :mod:`.frontier`) and return the report's frontier section."""
+    from reefcap.models.engines.loader import load_engine
+
+    from . import frontier_report as fr
+    from .frontier import candidates, evaluate_candidate, fit_compare_router
+
+    f, work = compare.frontier, Path(compare.work)
+    val = f.val or inputs.val
+    all_splits = dict(splits)
+    if val and f.air_val:
+        all_splits.update({"val-underwater": Path(val), "val-in-air": Path(f.air_val)})
+    router, accuracy = None, None
+    if f.route:
+        router, accuracy = fit_compare_router(inputs.data, inputs.preserve_data, val, f.air_val, splits, work)
+    start = load_engine(str(inputs.model), backend="torch")
+    results: dict[str, list[dict]] = {}
+    kinds: dict[str, str] = {}
+    for c in candidates(f, inputs.model, runs, families, work):
+        cache = work / "frontier" / f"{c.name.replace(' ', '_').replace('=', '')}-seed{c.seed or 0}.json"
+        results.setdefault(c.name, []).append(evaluate_candidate(c, start, router, all_splits, cache))
+        kinds[c.name] = c.family
+    start.close()
+    chosen, why = fr.select_default(results, f.keep_in_air)
+    report = Path(compare.report)
+    plot = fr.pareto_plot(results, kinds, chosen, report.parent / f"{report.stem}-pareto.png")
+    write_json(report.with_name(report.stem + "-frontier.json"), {"results": results, "router": accuracy})
+    return [
+        "## Frontier: underwater against in-air CIDEr",
+        "",
+        f"![{plot.stem}]({plot.name})",
+        "",
+        *fr.pareto_table(results, kinds, chosen),
+        "",
+        f"Chosen default, by the rule: {why}.",
+        "",
+        *fr.mixed_lines(results, kinds, chosen),
+        "",
+        *fr.router_lines(accuracy, router.threshold if router else None),
+        "",
+    ]
+
+
+def _write_report(compare: CompareConfig, inputs: RunInputs, results, splits, runs, extra=()) -> None:
     report = Path(compare.report)
     write_json(report.with_suffix(".json"), {"splits": {k: str(v) for k, v in splits.items()}, "results": results})
     plots = _plots(runs, report.parent, report.stem)
-    report.write_text(_markdown(compare, inputs, results, splits, plots))
+    report.write_text(_markdown(compare, inputs, results, splits, plots) + "\n".join(extra))
 
 
 def _domain_table(results: dict[str, list[dict]]) -> list[str]:

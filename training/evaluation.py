@@ -45,7 +45,8 @@ def generate_captions(
         images = [policy.decode(r.path) for r in chunk]
         for rec, served in zip(chunk, policy.caption(images, options), strict=True):
             water = served.water_type  # water-type experts only
-            results.append({"image_id": rec.image_id, "caption": served.caption, **water_field(water)})
+            route = {"route": served.route.to_dict()} if served.route is not None else {}  # routed models only
+            results.append({"image_id": rec.image_id, "caption": served.caption, **water_field(water), **route})
         bar.update(len(chunk))
     bar.close()
     return results
@@ -99,6 +100,38 @@ def domain_metrics(
         if all(routed):
             metrics["routing_accuracy"] = round(sum(w["label"] == label for w in routed) / len(recs), 4)
         out[label] = metrics
+    return out
+
+
+def route_metrics(records: Sequence, predictions: Sequence[dict[str, Any]], domain_of=None) -> dict[str, Any] | None:
+    """Where a routed policy sent each image against where it was taken (``underwater`` when the metadata names
+    a water type, else ``in_air``): per true domain, and per water domain (``domain_of(metadata)``), the share
+    routed to the right domain and which models answered. None when nothing was routed."""
+    by_id = {p["image_id"]: p.get("route") for p in predictions}
+    if not any(by_id.values()):
+        return None
+    groups: dict[str, list[dict]] = {}
+    types: dict[str, list[dict]] = {}
+    for rec in records:
+        route = by_id.get(rec.image_id)
+        if not route:
+            continue
+        true = "underwater" if (rec.metadata or {}).get("water_type") is not None else "in_air"
+        groups.setdefault(true, []).append({**route, "right": route["domain"] == true})
+        label = domain_of(rec.metadata) if domain_of else None
+        if label is not None:
+            types.setdefault(label, []).append({**route, "right": route["domain"] == true})
+
+    def share(items: list[dict]) -> dict[str, Any]:
+        models: dict[str, int] = {}
+        for r in items:
+            models[r["model"]] = models.get(r["model"], 0) + 1
+        right = sum(r["right"] for r in items)
+        return {"accuracy": round(right / len(items), 4), "images": len(items), "models": models}
+
+    out: dict[str, Any] = {name: share(items) for name, items in groups.items()}
+    if types:
+        out["water_types"] = {name: share(items) for name, items in types.items()}
     return out
 
 

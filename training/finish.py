@@ -72,8 +72,10 @@ def finish_run(
     commands: list[str] | None = None,
     options: DecodeOptions | None = None,
     report: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score ``OUT/best`` on the whole validation split and ``tests``, write its manifest and the run report.
+    ``extra``: more manifest sections (the router fitted beside the weights).
 
     Returns the manifest. METEOR is left out (it needs Java); ``reefcap eval`` adds it.
     """
@@ -108,6 +110,7 @@ def finish_run(
         "decode": asdict(options),
         "run": {k: summary.get(k) for k in ("steps", "finished", "best_step", "best_score", "stopped_early")},
         "metrics": metrics,
+        **(extra or {}),
     }
     written = write_manifest(best, manifest)
     if report:

@@ -42,6 +42,10 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe = scaled_recipe(load_recipe(args.recipe), args.epochs_scale, args.lr_scale)
     tests = parse_tests(args.test)  # checked before training: a typo must not cost a run
+    if args.air_val and not (args.preserve_data and args.val):
+        from reefcap.models.errors import ReefcapError
+
+        raise ReefcapError("--air-val fits a router: pass --preserve-data (in-air training images) and --val too")
     summary = run_training(
         recipe,
         _train_config(args),
@@ -54,36 +58,61 @@ def _train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        extra = _train_router(args, tests)
         if not args.no_manifest:
-            manifest = finish_run(args.out, recipe, _inputs(args), summary, tests)
+            manifest = finish_run(args.out, recipe, _inputs(args), summary, tests, extra=extra)
             summary["manifest"] = str(Path(args.out) / "best" / "manifest.json")
             summary["metrics"] = manifest["metrics"]
+        if extra:
+            summary["router"] = {k: extra["router"][k] for k in ("threshold", "accuracy")}
         print(json.dumps({k: v for k, v in summary.items() if k != "evals"}))
     return 0
 
 
+def _train_router(args: argparse.Namespace, tests: dict[str, str]) -> dict:
+    """With --air-val: fit the underwater / in-air router into OUT/best (training data --data vs --preserve-data,
+    threshold on --val vs --air-val) and return its manifest section, accuracy per domain and water type."""
+    if not args.air_val:
+        return {}
+    from .router import attach_router
+
+    data = {"underwater": args.data, "air": args.preserve_data, "val_underwater": args.val, "val_air": args.air_val}
+    return {"router": attach_router(Path(args.out) / "best", data, tests)}
+
+
 def _decode_options(args: argparse.Namespace):
     from reefcap.models.engines.base import DecodeOptions
+    from reefcap.models.policy import DEFAULT_MAX_LENGTH, DEFAULT_NUM_BEAMS
 
+    # Without --model, `reefcap eval` measures what `reefcap serve` answers by default: its decoding too.
+    serving = getattr(args, "model", "") is None
+    start = DecodeOptions(num_beams=DEFAULT_NUM_BEAMS, max_length=DEFAULT_MAX_LENGTH) if serving else DecodeOptions()
     # validate() raises InvalidOptionsError, a ReefcapError: the CLI reports it as a usage error.
-    return (
-        DecodeOptions()
-        .merged(
-            num_beams=args.beams,
-            max_length=args.max_length,
-            min_length=args.min_length,
-            repetition_penalty=args.repetition_penalty,
-        )
-        .validate()
-    )
+    return start.merged(
+        num_beams=args.beams,
+        max_length=args.max_length,
+        min_length=args.min_length,
+        repetition_penalty=args.repetition_penalty,
+    ).validate()
+
+
+def _eval_models(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(model, fallback) to evaluate: without --model, what `reefcap serve` answers by default (its primary and
+    fallback, routed where the primary has a router); with --model, that model alone unless --fallback NAME."""
+    from reefcap.models.policy import DEFAULT_FALLBACK, DEFAULT_PRIMARY, fallback_name
+
+    if args.model is None:
+        return DEFAULT_PRIMARY, fallback_name(args.fallback if args.fallback is not None else DEFAULT_FALLBACK)
+    return args.model, fallback_name(args.fallback if args.fallback is not None else "none")
 
 
 def _eval(args: argparse.Namespace) -> int:
     from reefcap.models.engines.base import EngineConfig, require_positive
-    from reefcap.models.policy import fallback_name, open_policy
+    from reefcap.models.policy import open_policy
 
     from .data import load_records
-    from .evaluation import domain_metrics, evaluate, write_json
+    from .evaluation import domain_metrics, evaluate, route_metrics, write_json
+    from .router import water_domains
 
     # Every flag checked before the data is read or the model loaded: a typo fails at once.
     options = _decode_options(args)
@@ -92,8 +121,8 @@ def _eval(args: argparse.Namespace) -> int:
     records = load_records(args.data)
     if args.limit:
         records = records[: args.limit]
-    fallback = fallback_name(args.fallback)
-    policy = open_policy(args.model, fallback, config)  # the one loader, with the server's defaults
+    model, fallback = _eval_models(args)
+    policy = open_policy(model, fallback, config)  # the one loader, with the server's defaults
     metrics, predictions = evaluate(
         policy, records, options, args.batch_size, meteor=not args.no_meteor, progress=not args.no_progress
     )
@@ -109,6 +138,9 @@ def _eval(args: argparse.Namespace) -> int:
         "fallback": {"model": fallback, "images": dict(policy.counts)} if fallback else None,
         **({"domains": domain_metrics(records, predictions, experts.domains)} if experts else {}),
     }
+    routing = route_metrics(records, predictions, water_domains())  # routed models: where images went
+    if routing is not None:
+        payload["routing"] = {"router_threshold": policy.router.threshold, **routing}
     pred_path = Path(args.predictions) if args.predictions else None
     if args.out:
         out = Path(args.out)
@@ -123,6 +155,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, run_compare
+    from .frontier import FrontierConfig, parse_alphas, parse_includes
+
+    frontier = FrontierConfig(
+        merge=tuple(n.strip() for n in (args.merge or "").split(",") if n.strip()),
+        merge_alphas=parse_alphas(args.merge_alphas),
+        route=args.route,
+        includes=parse_includes(args.include),
+        air_val=args.air_val,
+        val=args.frontier_val,
+    )
 
     compare = CompareConfig(
         recipes=tuple(n.strip() for n in args.recipes.split(",") if n.strip()),
@@ -137,6 +179,7 @@ def _compare(args: argparse.Namespace) -> int:
         lr_scale=args.lr_scale,
         first_seed=args.first_seed,
         report_only=args.report_only,
+        frontier=frontier,
     )
     report = run_compare(
         compare, _train_config(args), _inputs(args), override=args.resume_override, progress=not args.no_progress
@@ -202,6 +245,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         help="also score the selected model on this split for its manifest (repeatable, e.g. underwater=test.json)",
     )
     train.add_argument(
+        "--air-val",
+        help="in-air validation captions: also fit the underwater / in-air router saved in OUT/best (with "
+        "--preserve-data and --val; README 'Serving default')",
+    )
+    train.add_argument(
         "--no-manifest",
         action="store_true",
         help="skip best/manifest.json and the run report (scoring the whole validation split takes a while)",
@@ -211,17 +259,21 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 
 def _register_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="caption a test set and score it (BLEU, METEOR, ROUGE-L, CIDEr, collapse)")
-    ev.add_argument("--model", required=True)
+    ev.add_argument(
+        "--model",
+        help="model to score (default: what `reefcap serve` answers by default: its primary, routed with its "
+        "fallback where the primary has a router, and its decoding, greedy, unless --beams etc. say otherwise)",
+    )
     ev.add_argument("--data", required=True, help="test captions")
     ev.add_argument("--out", help="write metrics here (JSON); predictions go beside it in COCO results format")
     ev.add_argument("--predictions", help="where to write the COCO-format predictions")
     ev.add_argument(
         "--fallback",
-        default="none",
         metavar="NAME|none",
-        help="default none: an evaluation measures the model itself, collapses and failures included. NAME "
-        "measures what the server answers instead (the same policy: failures and degenerate captions go to "
-        "NAME; the output counts them)",
+        help="with --model, default none: an evaluation measures the model itself, collapses and failures "
+        "included. NAME measures what the server answers instead (the same policy: failures and degenerate "
+        "captions go to NAME, and in-air images too where the model has a router; the output counts them). "
+        "Without --model the default is the server's fallback",
     )
     ev.add_argument("--backend", default="auto", help="auto (as the server: onnx where it imports), torch or onnx")
     ev.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
@@ -259,17 +311,30 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
         "--report-only", action="store_true", help="train nothing: report the runs already finished in --work"
     )
     cmp_.add_argument("--no-meteor", action="store_true")
+    front = cmp_.add_argument_group("frontier (merges, routing, the chosen default; README 'Serving default')")
+    front.add_argument("--air-val", help="in-air validation captions: the router's threshold and the default's rule")
+    front.add_argument(
+        "--frontier-val", help="underwater validation captions for the router and the rule (default: --val)"
+    )
+    front.add_argument("--include", action="append", metavar="LABEL=MODEL", help="also compare a ready model")
+    front.add_argument("--merge", metavar="NAMES", help="protocols (recipes or include labels) to WiSE-FT merge")
+    front.add_argument("--merge-alphas", metavar="A,A", help="values of a in (0, 1): (1 - a) start + a model")
+    front.add_argument("--route", action="store_true", help="also score every adapted model routed with the start")
     cmp_.set_defaults(handler=_compare)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `train`, `eval` and `compare` (and the zoo and adapt commands) to the `reefcap` parser."""
+    """Add `train`, `eval` and `compare` (and the zoo, adapt, merge and router commands) to the `reefcap` parser."""
     _register_train(sub)
     _register_eval(sub)
     _register_compare(sub)
 
     from .adapt import register as register_adapt
+    from .merge import register as register_merge
+    from .router import register as register_router
     from .zoo import register as register_zoo
 
     register_zoo(sub)
     register_adapt(sub)
+    register_merge(sub)
+    register_router(sub)

@@ -26,6 +26,7 @@ MODEL_FILES = (
     TRAIN_CONFIG_FILE,
     "reefcap_experts.json",  # water-type experts models only (GuiDG)
     "reefcap_experts.safetensors",
+    "reefcap_router.json",  # the underwater / in-air router, for a model served routed with the in-air model
 )
 
 
@@ -70,6 +71,9 @@ def _pack(args: argparse.Namespace) -> int:
         "commands": args.command,
         "metrics": metrics,
     }
+    if (source / "reefcap_router.json").is_file():  # how its router was made and how well it routes
+        router = json.loads((source / "reefcap_router.json").read_text()).get("info", {})
+        manifest["router"] = {"file": "reefcap_router.json", **router}
     dest = pack(source, args.name, manifest, Path(args.zoo) if args.zoo else ZOO_DIR)
     print(json.dumps({"name": args.name, "path": str(dest)}))
     return 0

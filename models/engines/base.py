@@ -12,6 +12,7 @@ import abc
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -146,6 +147,11 @@ class CaptionEngine(abc.ABC):
     runs (at import), not at the first request. Pass ``abstract=True`` in the class statement for an
     intermediate base that is meant to stay abstract.
     """
+
+    # The checkpoint folder the engine was loaded from, set by the one loader: what is saved beside its weights
+    # (its router) is read from here. An ONNX export is shared by every folder with the same weights, so its own
+    # folder cannot tell. None: ``describe().source`` is the checkpoint.
+    checkpoint: Path | None = None
 
     def __init_subclass__(cls, abstract: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

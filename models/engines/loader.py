@@ -22,7 +22,7 @@ from typing import Any
 
 from reefcap.models.engines.backends import engine_class, importable
 from reefcap.models.engines.base import CaptionEngine, EngineConfig
-from reefcap.models.engines.manifests import checkpoint_kind, parameter_count
+from reefcap.models.engines.manifests import checkpoint_folder, checkpoint_kind, parameter_count
 from reefcap.models.engines.precision import serving_dtype
 from reefcap.models.registry import check_model_name
 
@@ -67,6 +67,12 @@ def load_engine(model: str, config: EngineConfig | None = None, **overrides: Any
     ``overrides`` replacing its fields (``load_engine(m, backend="torch")``). See the module docstring."""
     config = dataclasses.replace(config or EngineConfig(), **overrides)
     check_model_name(model)  # before any backend's import: a typo should not wait for torch
+    engine = _load(model, config)
+    engine.checkpoint = checkpoint_folder(model)  # where the files saved beside its weights (a router) are
+    return engine
+
+
+def _load(model: str, config: EngineConfig) -> CaptionEngine:
     backend = pick_backend(config.backend)
     kind = checkpoint_kind(model)
     try:

@@ -19,6 +19,8 @@ from reefcap.models.policy.captioning import (
 )
 from reefcap.models.policy.loading import (
     DEFAULT_FALLBACK,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_NUM_BEAMS,
     DEFAULT_PRIMARY,
     LoadedModels,
     fallback_name,
@@ -31,6 +33,8 @@ __all__ = [
     "DEFAULT_BREAKER_FAILURES",
     "DEFAULT_BREAKER_RESET_S",
     "DEFAULT_FALLBACK",
+    "DEFAULT_MAX_LENGTH",
+    "DEFAULT_NUM_BEAMS",
     "DEFAULT_PRIMARY",
     "CaptionPolicy",
     "CaptionResult",

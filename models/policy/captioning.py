@@ -25,17 +25,28 @@ The rules, for one batch of images:
 once. Every image the fallback answers is counted by reason in :attr:`CaptionPolicy.counts` and reported
 to the :class:`PolicyObserver` (the server's feeds Prometheus).
 
+Routing. Where the primary (the adapted model) has a router saved with it
+(:mod:`reefcap.models.policy.routing`) and a fallback (the pretrained model) is loaded, each batch is split by
+route first: images the router calls in air are answered by the fallback, as the model that fits them (not a
+fallback answer: ``fallback.used`` stays false; should it fail, the primary answers them), and the underwater
+part goes through the rules above, as a batch of its own. Each part runs batched on its model and the answers
+come back in the batch's order, every one naming its route (``CaptionResult.route``). Without a router nothing is
+split and ``route`` is None; a router without a fallback still reports each image's domain.
+
 This module imports neither torch nor any backend: engines are passed in already loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
+
+from PIL import Image
 
 from reefcap.models.data.images import ImageSource
 from reefcap.models.engines.base import Caption, CaptionEngine, DecodeOptions
@@ -49,6 +60,7 @@ from reefcap.models.policy.lanes import (
     PolicyObserver,
 )
 from reefcap.models.policy.results import CaptionResult
+from reefcap.models.policy.routing import RoutedBatch, RouteDecision, Router, find_router
 
 __all__ = [
     "DEFAULT_BREAKER_FAILURES",
@@ -60,6 +72,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("reefcap.policy")
+FIND_ROUTER = "find"  # the default ``router``: the one saved with the primary's checkpoint, if any
 
 
 class CaptionPolicy:
@@ -68,7 +81,9 @@ class CaptionPolicy:
     ``primary_timeout_s`` None runs the primary inline on the caller's thread, with no timeout (offline use);
     a number runs it on a thread of its own (``workers`` threads: that many batches may run at once, each
     routed, timed and counted by the breaker on its own). :meth:`caption_async` always runs batches on the
-    lanes' threads. ``observer`` is told of fallbacks, batch times and the breaker.
+    lanes' threads. ``observer`` is told of fallbacks, batch times and the breaker. ``router``: by default the
+    one saved with the primary's checkpoint (found again on every swap), or a :class:`Router` to use whatever
+    the primary, or None to route nothing.
     """
 
     def __init__(
@@ -80,13 +95,17 @@ class CaptionPolicy:
         breaker: CircuitBreaker | None = None,
         observer: PolicyObserver | None = None,
         workers: int = 1,
+        router: Router | str | None = FIND_ROUTER,
     ) -> None:
         self.primary_timeout_s, self.workers = primary_timeout_s, max(1, workers)
+        self._router_choice = router
         self._primary = Lane(primary, "primary", self.workers) if primary else None
+        self._router = self._router_for(self._primary)
         self._fallback = Lane(fallback, "fallback", self.workers) if fallback else None
         self.breaker = breaker or CircuitBreaker()
         self.observer = observer or PolicyObserver()
         self.counts: Counter[str] = Counter()  # images answered by the fallback, by reason
+        self.route_counts: Counter[str] = Counter()  # routed images by domain
         self._lock = threading.Lock()
 
     @property
@@ -101,11 +120,22 @@ class CaptionPolicy:
     def circuit_open(self) -> bool:
         return self.breaker.is_open
 
+    @property
+    def router(self) -> Router | None:
+        """The router in use (None: nothing is routed)."""
+        return self._router
+
+    def _router_for(self, lane: Lane | None) -> Router | None:
+        if self._router_choice != FIND_ROUTER:
+            return self._router_choice if isinstance(self._router_choice, Router) else None
+        return find_router(lane.engine) if lane is not None else None
+
     def swap_primary(self, engine: CaptionEngine) -> None:
         """Make ``engine`` the primary and close the breaker. A batch already running finishes on the old one."""
         new = Lane(engine, "primary", self.workers)
+        router = self._router_for(new)  # a new model brings its own router (or none)
         with self._lock:
-            old, self._primary = self._primary, new
+            old, self._primary, self._router = self._primary, new, router
             self.breaker.record_success()
         if old is not None:
             old.close()
@@ -146,8 +176,40 @@ class CaptionPolicy:
         ``timeout_s`` replaces ``primary_timeout_s`` for this batch (the server scales it with the batch's
         cost). Options no loaded model can decode with raise :class:`InvalidOptionsError` before any model
         runs, and count towards neither the breaker nor the fallbacks."""
-        images, options, primary, fallback = self._begin(images, options)
+        images, options, primary, fallback, router = self._begin(images, options)
         timeout = self._timeout(timeout_s)
+        if router is None:
+            return self._answer(images, options, timeout, primary, fallback)
+        images, decisions = self._decide(router, images)
+        batch = RoutedBatch.split(decisions, in_air_model=fallback is not None)
+        wet, dry = [], []
+        if batch.underwater:
+            wet = self._answer(batch.underwater_part(images), options, timeout, primary, fallback)
+        if batch.in_air:
+            dry = self._answer_in_air(batch.in_air_part(images), options, primary, fallback)
+        return self._count_routes(batch.merged(wet, dry))
+
+    async def caption_async(
+        self, images: Sequence[Any], options: DecodeOptions | None = None, timeout_s: float | None = None
+    ) -> list[CaptionResult]:
+        """:meth:`caption` for an event loop: every batch runs on its lane's threads and is awaited there (the
+        router too, off the loop: it touches every image)."""
+        images, options, primary, fallback, router = self._begin(images, options)
+        timeout = self._timeout(timeout_s)
+        if router is None:
+            return await self._answer_async(images, options, timeout, primary, fallback)
+        loop = asyncio.get_running_loop()
+        images, decisions = await loop.run_in_executor(None, self._decide, router, images)
+        batch = RoutedBatch.split(decisions, in_air_model=fallback is not None)
+        wet, dry = [], []
+        if batch.underwater:
+            wet = await self._answer_async(batch.underwater_part(images), options, timeout, primary, fallback)
+        if batch.in_air:
+            dry = await self._answer_in_air_async(batch.in_air_part(images), options, primary, fallback)
+        return self._count_routes(batch.merged(wet, dry))
+
+    def _answer(self, images: list, options: DecodeOptions, timeout, primary, fallback) -> list[CaptionResult]:
+        """The primary's rules for one batch (or the underwater part of one)."""
         reason, error = self._route(primary, threaded=timeout is not None)
         if reason is None:
             try:
@@ -164,12 +226,7 @@ class CaptionPolicy:
         captions = self._timed(self._need(fallback, reason, error), images, options, None)
         return self._answered_by_fallback(fallback, captions, reason)
 
-    async def caption_async(
-        self, images: Sequence[Any], options: DecodeOptions | None = None, timeout_s: float | None = None
-    ) -> list[CaptionResult]:
-        """:meth:`caption` for an event loop: every batch runs on its lane's threads and is awaited there."""
-        images, options, primary, fallback = self._begin(images, options)
-        timeout = self._timeout(timeout_s)
+    async def _answer_async(self, images: list, options: DecodeOptions, timeout, primary, fallback) -> list:
         reason, error = self._route(primary, threaded=True)
         if reason is None:
             try:
@@ -186,12 +243,51 @@ class CaptionPolicy:
         captions = await self._timed_async(self._need(fallback, reason, error), images, options, None)
         return self._answered_by_fallback(fallback, captions, reason)
 
+    def _answer_in_air(self, images: list, options: DecodeOptions, primary, fallback) -> list[CaptionResult]:
+        """The in-air part, on the fallback as the model that fits it; the primary answers it if that fails."""
+        try:
+            captions = self._timed(fallback, images, options, None)
+        except InvalidOptionsError:
+            raise
+        except Exception as exc:
+            lane = self._in_air_stand_in(primary, exc, len(images))
+            return [CaptionResult.of(c, lane.info) for c in self._timed(lane, images, options, None)]
+        return [CaptionResult.of(c, fallback.info) for c in captions]
+
+    async def _answer_in_air_async(self, images: list, options: DecodeOptions, primary, fallback) -> list:
+        try:
+            captions = await self._timed_async(fallback, images, options, None)
+        except InvalidOptionsError:
+            raise
+        except Exception as exc:
+            lane = self._in_air_stand_in(primary, exc, len(images))
+            return [CaptionResult.of(c, lane.info) for c in await self._timed_async(lane, images, options, None)]
+        return [CaptionResult.of(c, fallback.info) for c in captions]
+
+    def _in_air_stand_in(self, primary: Lane | None, exc: Exception, images: int) -> Lane:
+        if primary is None or self.breaker.is_open:
+            raise exc
+        log.warning("the in-air model failed on %d in-air images (%s): the primary answers them", images, exc)
+        return primary
+
+    # ---- routing ----------------------------------------------------------------------------------------------
+
+    def _decide(self, router: Router, images: list) -> tuple[list, list[RouteDecision]]:
+        """Decode what is not yet an RGB image (the router needs pixels), then route every image."""
+        decoded = [im if isinstance(im, Image.Image) and im.mode == "RGB" else self.decode(im) for im in images]
+        return decoded, router.route(decoded)
+
+    def _count_routes(self, served: list[CaptionResult]) -> list[CaptionResult]:
+        for result in served:
+            self.route_counts[result.route.domain] += 1
+        return served
+
     # ---- the rules ------------------------------------------------------------------------------------------
 
     def _begin(self, images: Sequence[Any], options: DecodeOptions | None) -> tuple:
         images, options = list(images), self.check_options(options or DecodeOptions())
-        with self._lock:
-            return images, options, self._primary, self._fallback  # one consistent pair even if a reload swaps
+        with self._lock:  # one consistent set even if a reload swaps
+            return images, options, self._primary, self._fallback, self._router
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return self.primary_timeout_s if timeout_s is None or self.primary_timeout_s is None else timeout_s

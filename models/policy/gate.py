@@ -17,6 +17,12 @@
    separate from the tolerance so that widening ``tolerance`` (the server's ``gate_tolerance``) never lets
    a collapse through.
 4. The :class:`GateReport` says, per metric, both values and why it passed or failed.
+5. With the in-air model (the server's fallback) given, the gate judges each primary as it would be served:
+   routed by the router saved with it (in-air images to the in-air model), on the underwater gate set and on
+   an in-air one (``in_air/`` metrics; the ReefScenes in-air probe set unless another is given). A candidate
+   that forgot the surface is refused unless its router sends in-air images around it; a router that sends
+   them to it anyway shows as the same drop. Neither side gets the fallback's rules here (degenerate
+   captions are not replaced), so a collapse is seen as it is.
 
 Gate sets, in order of preference (:func:`choose_gate_set`): a configured COCO file; the held-out (``test``)
 split of the feedback store once it has ``min_feedback_images`` images; else the ReefScenes probe set
@@ -32,8 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reefcap.models.engines.base import CaptionEngine, DecodeOptions
+from PIL import Image
+
+from reefcap.models.engines.base import Caption, CaptionEngine, DecodeOptions
 from reefcap.models.metrics import coco_metrics, collapse_metrics
+from reefcap.models.policy.routing import ROUTER_FILE, RoutedBatch, Router, find_router
 from reefcap.models.registry import sha256_file
 
 HIGHER, LOWER, NEUTRAL = "higher", "lower", "neutral"
@@ -55,6 +64,7 @@ DIRECTIONS = {
 REQUIRED_FILES = ("config.json", "model.safetensors")
 MANIFEST = "manifest.json"
 GateItems = Sequence[tuple[bytes | str | Path, Sequence[str]]]  # (image, reference captions)
+IN_AIR = "in_air/"  # prefix of the metrics measured on the in-air gate set
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,8 @@ class GateReport:
     images: int
     verdicts: list[MetricVerdict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # refusals not tied to one metric (manifest, hashes)
+    air_set: str | None = None  # the in-air gate set, when the routed systems were judged on both domains
+    routed: dict[str, bool] = field(default_factory=dict)  # whether candidate / serving had a router
 
     def reasons(self) -> list[str]:
         """Every reason for a refusal, one short line each (empty when accepted)."""
@@ -117,6 +129,8 @@ def verify_manifest(folder: str | Path) -> list[str]:
     if not isinstance(files, dict) or not files:
         return [f"{MANIFEST} lists no file hashes"]
     problems = [f"{MANIFEST} does not list {name}" for name in REQUIRED_FILES if name not in files]
+    if (folder / ROUTER_FILE).is_file() and ROUTER_FILE not in files:  # a router added after the manifest
+        problems.append(f"{MANIFEST} does not list {ROUTER_FILE}, which the folder holds")
     for name, digest in sorted(files.items()):
         path = folder / str(name)
         if Path(str(name)).name != name or not path.is_file():
@@ -129,7 +143,7 @@ def verify_manifest(folder: str | Path) -> list[str]:
 
 
 def measure(
-    engine: CaptionEngine, items: GateItems, options: DecodeOptions, batch_size: int = 16
+    engine: CaptionEngine | RoutedSystem, items: GateItems, options: DecodeOptions, batch_size: int = 16
 ) -> tuple[dict[str, float], list[str]]:
     """Caption ``items`` with ``engine`` and score them (no METEOR: no Java on a server); (metrics, captions)."""
     captions: list[str] = []
@@ -143,10 +157,31 @@ def measure(
     return metrics, captions
 
 
+class RoutedSystem:
+    """``engine`` as the routed policy serves it: the images ``router`` calls in air captioned by ``in_air``
+    (the rest by ``engine``), each part as one batch, answers in order. No router: ``engine`` alone."""
+
+    def __init__(self, engine: CaptionEngine, in_air: CaptionEngine | None, router: Router | None) -> None:
+        self.engine, self.in_air, self.router = engine, in_air, router
+
+    def caption(self, images: Sequence, options: DecodeOptions) -> list[Caption]:
+        if self.router is None or self.in_air is None:
+            return self.engine.caption(images, options)
+        decoded = [im if isinstance(im, Image.Image) and im.mode == "RGB" else self.engine.decode(im) for im in images]
+        batch = RoutedBatch.split(self.router.route(decoded), in_air_model=True)
+        out: list[Caption | None] = [None] * len(decoded)
+        for idx, engine in ((batch.underwater, self.engine), (batch.in_air, self.in_air)):
+            if idx:
+                for i, caption in zip(idx, engine.caption([decoded[i] for i in idx], options), strict=True):
+                    out[i] = caption
+        return [c for c in out if c is not None]
+
+
 def collapse_ceiling(metric: str, serving: float | None, config: GateConfig) -> float | None:
     """The highest ``metric`` rate a candidate may have before it counts as collapsed (None: not a collapse
     metric): ``max(serving + collapse_margin, floor)``, or the floor alone with no serving model."""
     floors = {"repetition_rate": config.max_repetition, "empty_or_one_word": config.max_empty}
+    metric = metric.removeprefix(IN_AIR)
     if metric not in floors:
         return None
     if serving is None:
@@ -156,7 +191,7 @@ def collapse_ceiling(metric: str, serving: float | None, config: GateConfig) -> 
 
 
 def _verdict(metric: str, new: float, old: float | None, config: GateConfig) -> MetricVerdict:
-    direction = DIRECTIONS.get(metric, NEUTRAL)
+    direction = DIRECTIONS.get(metric.removeprefix(IN_AIR), NEUTRAL)
     tol = config.tolerance
     ceiling = collapse_ceiling(metric, old, config)
     if ceiling is not None and new > ceiling:
@@ -190,8 +225,13 @@ def run_gate(
     gate_set: str,
     options: DecodeOptions | None = None,
     config: GateConfig | None = None,
+    *,
+    in_air: CaptionEngine | None = None,
+    air_items: GateItems | None = None,
+    air_set: str | None = None,
 ) -> GateReport:
-    """Check ``candidate``'s manifest hashes, then measure it and ``serving`` on ``items`` and compare."""
+    """Check ``candidate``'s manifest hashes, then measure it and ``serving`` on ``items`` and compare. With
+    ``in_air`` (the in-air model), both are judged routed, also on ``air_items`` (default: the in-air probe set)."""
     config = config or GateConfig()
     options = options or DecodeOptions.greedy()
     problems = verify_manifest(candidate_folder)
@@ -199,10 +239,27 @@ def run_gate(
         return GateReport(False, gate_set, len(items), problems=problems)
     if not items:
         return GateReport(False, gate_set, 0, problems=["the gate set is empty"])
-    new, _ = measure(candidate, items, options, config.batch_size)
-    old = measure(serving, items, options, config.batch_size)[0] if serving is not None else None
+    routers = {"candidate": find_router(candidate), "serving": find_router(serving) if serving else None}
+    new_system = RoutedSystem(candidate, in_air, routers["candidate"])
+    old_system = RoutedSystem(serving, in_air, routers["serving"]) if serving is not None else None
+    new, _ = measure(new_system, items, options, config.batch_size)
+    old = measure(old_system, items, options, config.batch_size)[0] if old_system is not None else None
     verdicts = compare(new, old, config)
-    return GateReport(all(v.passed for v in verdicts), gate_set, len(items), verdicts)
+    report = GateReport(True, gate_set, len(items), verdicts)
+    if in_air is not None:
+        if air_items is None:
+            from reefcap.models.reefscenes.probe import probe_set
+
+            air_items, air_set = probe_set(domain="surface"), "ReefScenes in-air probe set"
+        new_air = {IN_AIR + k: v for k, v in measure(new_system, air_items, options, config.batch_size)[0].items()}
+        old_air = None
+        if old_system is not None:
+            old_air = {IN_AIR + k: v for k, v in measure(old_system, air_items, options, config.batch_size)[0].items()}
+        report.verdicts += compare(new_air, old_air, config)
+        report.air_set = air_set or "in-air gate set"
+        report.routed = {k: v is not None for k, v in routers.items()}
+    report.accepted = all(v.passed for v in report.verdicts)
+    return report
 
 
 def choose_gate_set(

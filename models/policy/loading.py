@@ -19,8 +19,12 @@ from reefcap.models.registry import check_model_name
 log = logging.getLogger("reefcap.policy")
 
 # The server's defaults too (server/settings.py reads these), so offline and served answers agree.
-DEFAULT_PRIMARY = "reefscenes-tiny-damf"
+DEFAULT_PRIMARY = "reefscenes-tiny-underwater"
 DEFAULT_FALLBACK = "reefscenes-tiny"
+# The server's default decoding (greedy: the fastest, and the same caption whatever batch an image lands in);
+# `reefcap eval` without --model decodes so too, to measure what `reefcap serve` answers by default.
+DEFAULT_NUM_BEAMS = 1
+DEFAULT_MAX_LENGTH = 20
 
 
 @dataclass

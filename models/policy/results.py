@@ -2,10 +2,11 @@
 line (local, on Ray, or through a server) and what the Python client returns.
 
 Its JSON form (:meth:`CaptionResult.to_dict`) always has ``caption``, ``model`` (``{name, version, backend}``:
-the engine that answered), ``fallback`` (``{used, reason}``), ``confidence``, ``tokens``, ``water_type`` and
-``quality``; where they apply, also ``image`` (the input, offline), ``index`` (its position in a request),
-``request_id`` and ``latency_ms``. An input that cannot be captioned is a separate error record
-(``{"image", "error", "code"}``), never a result.
+the engine that answered), ``fallback`` (``{used, reason}``), ``route`` (where the router sent the image:
+``{domain, model, probability}``, plus ``water_type`` where the answering model estimates one; null when the
+serving model has no router), ``confidence``, ``tokens``, ``water_type`` and ``quality``; where they apply,
+also ``image`` (the input, offline), ``index`` (its position in a request), ``request_id`` and ``latency_ms``.
+An input that cannot be captioned is a separate error record (``{"image", "error", "code"}``), never a result.
 """
 
 from __future__ import annotations
@@ -37,6 +38,31 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class Route:
+    """Where the router sent an image: ``domain`` (``underwater`` or ``in_air``), the ``model`` that answered it,
+    the router's ``probability`` that the image is underwater, and the answering model's water-type label where
+    it estimates one (a water-type experts model)."""
+
+    domain: str
+    model: str
+    probability: float
+    water_type: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"domain": self.domain, "model": self.model, "probability": self.probability}
+        if self.water_type is not None:
+            out["water_type"] = self.water_type
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Route | None:
+        if not isinstance(data, dict) or "domain" not in data:
+            return None
+        water = data.get("water_type")
+        return cls(str(data["domain"]), str(data.get("model", "")), float(data.get("probability", 0.0)), water)
+
+
+@dataclass(frozen=True)
 class CaptionResult:
     """One captioned image (see the module docstring). ``fallback_reason`` is None when the primary answered."""
 
@@ -47,6 +73,7 @@ class CaptionResult:
     fallback_reason: str | None = None
     water_type: dict[str, Any] | None = None  # {"label", "probability"} from a water-type experts model
     quality: dict[str, Any] | None = None  # {"uiqm", "uciqe"} of the input, when measured
+    route: Route | None = None  # where the router sent the image (None: the serving model has no router)
     image: str | None = None
     index: int | None = None
     request_id: str | None = None
@@ -79,6 +106,7 @@ class CaptionResult:
             caption=self.caption,
             model=self.model.to_dict(),
             fallback=self.fallback,
+            route=self.route.to_dict() if self.route is not None else None,
             confidence=self.confidence,
             tokens=self.tokens,
             water_type=self.water_type,
@@ -99,6 +127,7 @@ class CaptionResult:
             fallback_reason=fallback.get("reason") if fallback.get("used") else None,
             water_type=data.get("water_type"),
             quality=data.get("quality"),
+            route=Route.from_dict(data.get("route")),
         )
         values.update({k: data[k] for k in _PLACES if data.get(k) is not None})
         values.update(fields)
