@@ -28,8 +28,11 @@ def test_caption_prints_one_json_line_per_image(cli_model, euvp_images):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(euvp_images[0]), str(euvp_images[1])]
     for line in lines:
-        assert set(line) == {"image", "caption", "model", "fallback", "confidence", "tokens", "water_type", "quality"}
-        assert line["fallback"] == {"used": False, "reason": None} and line["quality"] is None
+        assert set(line) == {
+            *("image", "caption", "model", "fallback", "route", "confidence", "tokens", "water_type", "quality")
+        }
+        # a model without a router: nothing routed, so no route to name
+        assert line["fallback"] == {"used": False, "reason": None} and line["quality"] is None and line["route"] is None
         assert line["model"]["name"] == "m" and line["confidence"] <= 0 and isinstance(line["caption"], str)
 
 
