@@ -74,3 +74,17 @@ def small_model(synthetic, tmp_path_factory) -> Path:
 
     cfg = TinyConfig(image_size=32, vision_hidden=64, text_hidden=64, vision_layers=2, text_layers=2, vocab_size=300)
     return init_tiny(tmp_path_factory.mktemp("m") / "m", all_captions(synthetic), cfg)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's binaries, as an unprivileged user) for the session: skipped where the
+    package is missing, failed on CI, whose .ci/run installs it."""
+    from pg_helpers import PostgresServer, postgres_bin
+
+    if postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    with PostgresServer() as server:
+        yield server
