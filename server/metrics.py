@@ -1,11 +1,28 @@
 """Prometheus metrics, all prefixed ``reefcap_`` with their unit in the name.
 
 Each app gets its own registry, so several apps in one process (the in-process tests) never collide.
+
+Under ``reefcap serve --workers N`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` to a directory it made
+fresh before any worker started, and prometheus-client keeps every worker's values in files there. A scrape of
+any worker then reads them all (:meth:`Metrics.exposition`): counters and histograms summed over every worker
+that ever ran (a replaced worker's counts stay, so totals never fall back), and each gauge as its stated mode
+says: ``livesum`` for the queue depth, ``livemax`` for the breaker, ``liveall`` (one series per worker, with
+a ``pid`` label) for the loaded models; the supervisor marks a dead worker's live gauges gone. The quality
+gauge is not taken from any worker's memory: the scraped worker builds it from its models' manifests (every
+worker follows the one shared generation) and the rolling scores of the shared feedback store.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+QUALITY = "reefcap_caption_quality_score"
+QUALITY_LABELS = ["model", "metric", "source", "split"]
+QUALITY_HELP = "Caption quality per model: source=manifest (evaluation per split) or feedback (rolling)"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -16,6 +33,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Set by the supervisor of several workers before this process started (module docstring).
+        self.shared_dir: str | None = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        # (labels, value) of the quality gauge, read at each scrape when metrics are shared (the app sets it).
+        self.quality_source: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None
         self._traffic(self.registry)
         self._models(self.registry)
         self._captions(self.registry)
@@ -32,7 +53,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("reefcap_queue_depth_images", "Images waiting for a batch", registry=r)
+        self.queue_depth = Gauge(
+            "reefcap_queue_depth_images", "Images waiting for a batch", multiprocess_mode="livesum", registry=r
+        )
         self.queue_wait = Histogram(
             "reefcap_queue_wait_seconds", "Time an image waited for its batch", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -58,9 +81,18 @@ class Metrics:
         self.fallbacks = Counter(
             "reefcap_fallbacks_total", "Images answered by the fallback model, by reason", ["reason"], registry=r
         )
-        self.breaker_open = Gauge("reefcap_circuit_open", "1 while the primary's circuit breaker is open", registry=r)
+        self.breaker_open = Gauge(
+            "reefcap_circuit_open",
+            "1 while the primary's circuit breaker is open (in any worker)",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.model_info = Gauge(
-            "reefcap_model_info", "Loaded models (value 1)", ["role", "name", "version", "backend"], registry=r
+            "reefcap_model_info",
+            "Loaded models (value 1; one series per worker, labelled pid, with several workers)",
+            ["role", "name", "version", "backend"],
+            multiprocess_mode="liveall",
+            registry=r,
         )
         self.reloads = Counter("reefcap_reloads_total", "Hot reload attempts by result", ["result"], registry=r)
 
@@ -88,12 +120,7 @@ class Metrics:
             buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1),
             registry=r,
         )
-        self.quality = Gauge(
-            "reefcap_caption_quality_score",
-            "Caption quality per model: source=manifest (evaluation per split) or feedback (rolling)",
-            ["model", "metric", "source", "split"],
-            registry=r,
-        )
+        self.quality = Gauge(QUALITY, QUALITY_HELP, QUALITY_LABELS, multiprocess_mode="livemostrecent", registry=r)
         self.feedback = Counter("reefcap_feedback_references_total", "Reference captions received", registry=r)
         self.water_types = Counter(
             "reefcap_water_type_images_total",
@@ -101,3 +128,51 @@ class Metrics:
             ["model", "water_type"],
             registry=r,
         )
+
+    def retire(self, gauge: Gauge, labels: tuple[str, ...]) -> None:
+        """Take a gauge's series away: removed in one process; with shared metrics, where files cannot lose a
+        series, set to 0 (and left out of scrapes, :meth:`exposition`)."""
+        if self.shared_dir:
+            gauge.labels(*labels).set(0)
+        else:
+            gauge.remove(*labels)
+
+    def exposition(self) -> bytes:
+        """The text a scrape of ``/metrics`` gets: this registry, or with shared metrics every worker's."""
+        if not self.shared_dir:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SharedCollector(self.shared_dir, self.quality_source, self.registry))
+        return generate_latest(registry)
+
+
+class SharedCollector:
+    """Every worker's metrics from the multiprocess directory, with the quality gauge built at the scrape; the
+    families nobody has written yet are declared empty, as one process's registry declares them."""
+
+    def __init__(
+        self,
+        path: str,
+        quality: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None,
+        declared: CollectorRegistry,
+    ) -> None:
+        self.path, self.quality, self.declared = path, quality, declared
+
+    def collect(self):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        seen = {QUALITY}
+        for family in MultiProcessCollector(None, self.path).collect():
+            if family.name == QUALITY:
+                continue  # the workers' own copies: replaced by the one read below
+            if family.name == "reefcap_model_info":  # a model a worker replaced is 0 there (retire)
+                family.samples = [s for s in family.samples if s.value != 0]
+            seen.add(family.name)
+            yield family
+        for family in self.declared.collect():
+            if family.name not in seen:
+                yield Metric(family.name, family.documentation, family.type)
+        gauge = GaugeMetricFamily(QUALITY, QUALITY_HELP, labels=QUALITY_LABELS)
+        for labels, value in self.quality() if self.quality else ():
+            gauge.add_metric(list(labels), value)
+        yield gauge

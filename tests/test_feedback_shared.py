@@ -113,3 +113,47 @@ def test_an_unreachable_postgres_is_one_line_without_the_password():
     message = str(caught.value)
     assert "s3cret-pw" not in message and "***" in message and "\n" not in message, message
     assert "REEFCAP_FEEDBACK_DSN" in message
+
+
+def test_a_caption_is_answered_once_its_record_is_committed_when_the_store_is_shared(tiny_model, tmp_path):
+    """Another process may be asked for the feedback next: with a shared store the answer waits for the commit
+    (here the writer is held up for a second); a store of its own answers at once and writes behind."""
+    import asyncio
+
+    import httpx
+    from server_helpers import png_bytes
+
+    from reefcap.models.engines.base import EngineConfig
+    from reefcap.models.engines.torch_engine import TorchCaptionEngine
+    from reefcap.server.app import Placement, create_app
+    from reefcap.server.pool import ModelPool
+    from reefcap.server.settings import ServerSettings
+
+    settings = ServerSettings(_env_file=None, feedback_db=tmp_path / "fb.sqlite3", inference_threads=1, max_wait_ms=0)
+    engine = TorchCaptionEngine.load(str(tiny_model), EngineConfig(device="cpu"))
+    files = [("images", ("a.png", png_bytes(), "image/png"))]
+
+    async def answered_before_commit(shared: bool, warm: int) -> bool:
+        store = FeedbackStore(settings.feedback_db)
+        app = create_app(settings, ModelPool(engine, None), Placement(shared=shared), store)  # closed with the app
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as client:
+                for _ in range(warm):  # the first requests pay one-time costs (threads, kernels) of a second or more
+                    assert (await client.post("/v1/captions", files=files)).status_code == 200
+                released = []
+
+                def release() -> None:
+                    released.append(True)
+                    store._lock.release()
+
+                store._lock.acquire()  # the writer cannot commit until this is released, a second on
+                asyncio.get_running_loop().call_later(1.0, release)
+                r = await client.post("/v1/captions", files=files)
+                early = not released
+                await asyncio.sleep(1.1)
+                assert r.status_code == 200
+                return early
+
+    assert asyncio.run(answered_before_commit(False, 4)) is True
+    assert asyncio.run(answered_before_commit(True, 1)) is False
