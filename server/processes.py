@@ -38,9 +38,10 @@ log = logging.getLogger("reefcap.server")
 GIVE_UP_AFTER = 5  # consecutive failed starts of one worker before the supervisor stops the server
 
 
-def prepare_app(settings: ServerSettings, worker: int | None = None, shared: bool = False) -> Any:
+def prepare_app(settings: ServerSettings, worker: int | None = None, shared: bool = False, metrics: Any = None) -> Any:
     """The app of one server process: its feedback store (a one-line error, before any model loads, when it
-    cannot be written), the shared generation's primary (else the configured one) and the fallback, loaded."""
+    cannot be written), the shared generation's primary (else the configured one) and the fallback, loaded;
+    reporting to ``metrics`` (new :class:`Metrics` by default)."""
     from .app import Placement, create_app, open_store
     from .generation import SharedGeneration
     from .metrics import Metrics
@@ -51,7 +52,7 @@ def prepare_app(settings: ServerSettings, worker: int | None = None, shared: boo
         target, generation = SharedGeneration(store, settings.model).start()
         loading = settings if target == settings.model else settings.model_copy(update={"model": target})
         # The app reports to these same metrics (create_app takes them from the pool).
-        pool = build_pool(loading, Metrics(), log_if_any=True)
+        pool = build_pool(loading, metrics or Metrics(), log_if_any=True)
         if not pool.ready:
             fallback = f"fallback {settings.fallback!r} ({pool.fallback_error})" if settings.fallback else "no fallback"
             raise ReefcapError(
