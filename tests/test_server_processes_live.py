@@ -95,8 +95,18 @@ def _images_total(text: str) -> float:
     return metric_or_zero(text, "reefcap_images_captioned_total")
 
 
-def test_the_default_is_one_worker():
+def test_the_default_is_one_worker_and_workers_divide_the_cores(monkeypatch):
+    from reefcap.server.processes import worker_settings
+
     assert ServerSettings(_env_file=None).workers == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    split = worker_settings(ServerSettings(_env_file=None, workers=2))
+    assert (split.inference_threads, split.inference_workers) == (1, 1)  # one thread and one batch each
+    chosen = worker_settings(ServerSettings(_env_file=None, workers=2, inference_threads=3, inference_workers=2))
+    assert (chosen.inference_threads, chosen.inference_workers) == (3, 2)  # what the settings say stands
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    split = worker_settings(ServerSettings(_env_file=None, workers=4))
+    assert (split.inference_threads, split.inference_workers) == (4, 0)  # 0: the warm-up decides, per worker
 
 
 def test_every_scrape_counts_the_images_both_workers_served(server):
