@@ -78,7 +78,7 @@ def local_captions(models):
 
     def captions(model, fallback, paths) -> list[str]:
         policy = CaptionPolicy(engine(model) if model else None, engine(fallback))
-        return [s.caption.caption for s in policy.caption([policy.decode(p) for p in paths], options)]
+        return [s.caption for s in policy.caption([policy.decode(p) for p in paths], options)]
 
     return captions
 
