@@ -136,12 +136,14 @@ def serve_on_ray(settings: ServerSettings) -> int:
 
         raise ReefcapError("--ray needs Ray Serve: pip install 'reefcap[ray]'") from None
     ray.init(address=settings.ray_address, logging_level=settings.log_level.upper())
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
-    log.warning("reefcap on Ray Serve at http://%s:%d (%s)", settings.host, settings.port, deployment_options(settings))
+    # Right after ray.init, which installs a handler that aborts on SIGTERM: a signal while the replicas start
+    # (serve.run waits for them) then stops the server cleanly once they are up, instead of a core dump.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    log.warning("reefcap on Ray Serve at http://%s:%d (%s)", settings.host, settings.port, deployment_options(settings))
     stop.wait()
     serve.shutdown()
     ray.shutdown()
