@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= test,train,ray
+EXTRAS ?= test,train,ray,postgres
 HOST ?= 0.0.0.0
 PORT ?= 8000
 

@@ -93,7 +93,7 @@ def compare_routing(images: list[bytes], levels: tuple[int, ...], rounds: int, p
                 for c in levels:
                     total = max(c * per_conn, 2 * per_conn)
                     for name, port, pid in sides:
-                        with paused(unrouted.pid if name == "routed" else routed.pid):
+                        with paused([unrouted.pid if name == "routed" else routed.pid]):
                             rows.append({**measure(name, port, pid, reqs, c, total, args.timeout), "round": r + 1})
             return rows
         finally:

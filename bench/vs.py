@@ -1,10 +1,12 @@
 """`make bench-server`: reefcap against a LitServe peer (``bench_peer``), same checkpoint and images, one run.
 
-Both servers run at once as subprocesses on 127.0.0.1 (reefcap ``serve`` with its defaults, the peer with
-LitServe's dynamic batching and one torch thread, see ``--peer-threads``). They are measured A B A B: for each
-round and each concurrency (1, 8, 32 keep-alive connections, one image per request) reefcap, then the peer, so
-the drift of a shared machine falls on both alike; the server not being measured is paused (SIGSTOP)
-meanwhile. Each row gives goodput (200 answers per second), p50/p99 latency of all answers, errors (non-200
+The servers run at once as subprocesses on 127.0.0.1: reefcap ``serve`` with its defaults (one process),
+reefcap ``serve --workers N`` (``--workers``, 2 by default; 0 leaves it out), and the peer with LitServe's
+dynamic batching and one torch thread (see ``--peer-threads``). They are measured in turn: for each round and
+each concurrency (1, 8, 32 keep-alive connections, one image per request) reefcap, reefcap with N workers, then
+the peer, so the drift of a shared machine falls on all alike; the servers not being measured are paused
+(SIGSTOP to their process groups, workers included) meanwhile. Each row gives goodput (200 answers per
+second), p50/p99 latency of all answers, errors (non-200
 answers, timeouts, dropped connections) and the server's CPU (its whole process tree) per request. The bundled
 tiny model runs first, then blip-base-shape (random weights, 384 px) with fewer images and 1 and 8 connections
 (32 would queue minutes of work on two cores).
@@ -146,13 +148,18 @@ def _wait_ready(proc: subprocess.Popen, url: str, ready_s: float) -> None:
     raise SystemExit(f"{url}: not ready in {ready_s:.0f} s")
 
 
-def start_reefcap(model: str, tmp: Path, fallback: str = "none") -> tuple[subprocess.Popen, int]:
-    """``reefcap serve`` with its defaults (no fallback by default: both servers run the one checkpoint)."""
+def start_reefcap(model: str, tmp: Path, workers: int = 1, fallback: str = "none") -> tuple[subprocess.Popen, int]:
+    """``reefcap serve`` with its defaults (no fallback by default: every server runs the one checkpoint), in
+    ``workers`` processes; ready once every worker answers."""
     port = _free_port()
     cmd = [sys.executable, "-m", "reefcap.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--model"]
     cmd += [model, "--fallback", fallback, "--log-level", "warning", "--feedback-db", str(tmp / f"fb-{port}.sqlite3")]
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen([*cmd, "--workers", str(workers)], start_new_session=True)
     _wait_ready(proc, f"http://127.0.0.1:{port}/readyz", 900)
+    seen, deadline = set(), time.monotonic() + 300
+    while workers > 1 and len(seen) < workers and time.monotonic() < deadline:
+        r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)  # a fresh connection: any worker
+        seen.add(r.json().get("worker"))
     return proc, port
 
 
@@ -174,61 +181,64 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def paused(pid: int):
-    """The other server stopped (SIGSTOP to its process group) while one is measured: an idle LitServe polls its
-    queues (0.13 of a core here), and neither server should pay for the other's idling."""
-    os.killpg(pid, signal.SIGSTOP)
+def paused(pids: list[int]):
+    """The other servers stopped (SIGSTOP to their process groups, a supervisor's workers with it) while one is
+    measured: an idle LitServe polls its queues (0.13 of a core here), and no server should pay for another's
+    idling."""
+    for pid in pids:
+        os.killpg(pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        os.killpg(pid, signal.SIGCONT)
+        for pid in pids:
+            os.killpg(pid, signal.SIGCONT)
 
 
 def compare(model: str, images: list[bytes], levels: tuple[int, ...], rounds: int, per_conn: int, args) -> list[dict]:
-    """Both servers up at once; every level measured reefcap then peer, ``rounds`` times (A B A B)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ours, ours_port = start_reefcap(model, Path(tmp))
-        try:
-            peer, peer_port = start_peer(model, args.max_length, args.peer_threads)
-        except BaseException:
-            stop(ours)
-            raise
-        try:
-            sides = [("reefcap", ours_port, ours.pid, reefcap_requests(images))]
-            sides.append(("litserve", peer_port, peer.pid, peer_requests(images)))
-            for _, port, _, reqs in sides:  # warm-up: first batches pay one-time costs on both sides
-                asyncio.run(load(port, reqs, 2, 4, args.timeout))
-            rows = []
-            for r in range(rounds):
-                for c in levels:
-                    total = max(c * per_conn, 2 * per_conn)
-                    for name, port, pid, reqs in sides:
-                        with paused(peer.pid if name == "reefcap" else ours.pid):
-                            row = measure(name, port, pid, reqs, c, total, args.timeout)
-                        rows.append({**row, "round": r + 1})
-            return rows
-        finally:
-            stop(peer)
-            stop(ours)
+    """Every server up at once; every level measured on each in turn (reefcap, reefcap xN, peer), ``rounds``
+    times, the others paused."""
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        sides = []
+        starts = [("reefcap", lambda: start_reefcap(model, Path(tmp)))]
+        if args.workers > 1:
+            starts.append((f"reefcap x{args.workers}", lambda: start_reefcap(model, Path(tmp), args.workers)))
+        starts.append(("litserve", lambda: start_peer(model, args.max_length, args.peer_threads)))
+        for name, start in starts:
+            proc, port = start()
+            stack.callback(stop, proc)
+            requests = peer_requests(images) if name == "litserve" else reefcap_requests(images)
+            sides.append((name, port, proc.pid, requests))
+        for _, port, _, reqs in sides:  # warm-up: first batches pay one-time costs on every side
+            asyncio.run(load(port, reqs, 2, 4, args.timeout))
+        rows = []
+        for r in range(rounds):
+            for c in levels:
+                total = max(c * per_conn, 2 * per_conn)
+                for name, port, pid, reqs in sides:
+                    with paused([other for _, _, other, _ in sides if other != pid]):
+                        row = measure(name, port, pid, reqs, c, total, args.timeout)
+                    rows.append({**row, "round": r + 1})
+        return rows
 
 
 def table(label: str, rows: list[dict]) -> list[str]:
-    """Per concurrency: each round's goodput of both and their ratio, then the medians."""
-    out = [
-        f"\n{label}",
-        f"{'c':>3} {'round':>5} {'reefcap/s':>10} {'peer/s':>8} {'ratio':>6} {'p50 ours':>9} "
-        f"{'p50 peer':>9} {'p99 ours':>9} {'p99 peer':>9} {'err':>7} {'cpu ms/req':>12} {'load':>5}",
-    ]
+    """Per concurrency: each round's goodput of every server and each reefcap's ratio to the peer, then p50,
+    p99, errors and CPU per request."""
+    names = list(dict.fromkeys(r["server"] for r in rows))
+    ours = [n for n in names if n != "litserve"]
+    head = f"{'c':>3} {'round':>5} " + " ".join(f"{n + '/s':>12}" for n in names)
+    head += " " + " ".join(f"{('ratio ' + n.removeprefix('reefcap').strip()).strip():>9}" for n in ours)
+    out = [f"\n{label}", head + f" {'p50 ms':>18} {'p99 ms':>18} {'err':>9} {'cpu ms/req':>17} {'load':>5}"]
     for c in sorted({r["concurrency"] for r in rows}):
         for rnd in sorted({r["round"] for r in rows}):
-            pair = {r["server"]: r for r in rows if r["concurrency"] == c and r["round"] == rnd}
-            a, b = pair["reefcap"], pair["litserve"]
-            ratio = a["goodput"] / b["goodput"] if b["goodput"] else float("inf")
-            out.append(
-                f"{c:>3} {rnd:>5} {a['goodput']:>10.2f} {b['goodput']:>8.2f} {ratio:>6.2f} {a['p50_ms']:>9.0f} "
-                f"{b['p50_ms']:>9.0f} {a['p99_ms']:>9.0f} {b['p99_ms']:>9.0f} {a['errors']:>3}/{b['errors']:<3} "
-                f"{a['server_cpu_ms_per_req']:>5.1f}/{b['server_cpu_ms_per_req']:<6.1f} {a['loadavg_1m']:>5.1f}"
-            )
+            row = {r["server"]: r for r in rows if r["concurrency"] == c and r["round"] == rnd}
+            peer = row["litserve"]["goodput"]
+            cells = [f"{row[n]['goodput']:>12.2f}" for n in names]
+            cells += [f"{(row[n]['goodput'] / peer if peer else float('inf')):>9.2f}" for n in ours]
+            for key, width in (("p50_ms", 18), ("p99_ms", 18), ("errors", 9), ("server_cpu_ms_per_req", 17)):
+                digits = 1 if key == "server_cpu_ms_per_req" else 0
+                cells.append(f"{'/'.join(f'{row[n][key]:.{digits}f}' for n in names):>{width}}")
+            out.append(f"{c:>3} {rnd:>5} " + " ".join(cells) + f" {row[names[0]]['loadavg_1m']:>5.1f}")
     return out
 
 
@@ -267,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     # measured faster for the peer: 12.5 vs 231 ms an image (tiny, batch 16) and 4.8 vs 11.9 s (blip-base-shape,
     # batch 4) at load average 7-8. The peer gets its faster setting; 0 restores torch's default.
     parser.add_argument("--peer-threads", type=int, default=1, help="the peer's torch threads (0: torch's default)")
+    parser.add_argument("--workers", type=int, default=2, help="also reefcap with this many workers (0 or 1: not)")
     parser.add_argument("--base-path", help="an existing blip-base-shape checkpoint (else one is made)")
     parser.add_argument("--out", help="also write every row as JSON here")
     args = parser.parse_args(argv)
@@ -276,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_name()}; load client: {CLIENT}; load average now {os.getloadavg()}", flush=True)
     print(
         f"peer: LitServe {_litserve_version()}, max_batch_size 16, batch_timeout 10 ms, torch threads "
-        f"{args.peer_threads or 'default'}; reefcap: serve defaults",
+        f"{args.peer_threads or 'default'}; reefcap: serve defaults, and with --workers {args.workers}",
         flush=True,
     )
     images = _images(23)
@@ -297,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += table(name, rows)
     print("\n".join(lines))
     print(
-        "ratio = reefcap goodput / LitServe goodput; err = non-200 answers (reefcap/peer); cpu = server process "
-        "tree CPU per request (reefcap/peer); load = 1-minute load average at the end of the reefcap row"
+        "ratio = goodput / LitServe goodput; p50, p99, err (non-200 answers) and cpu (server process tree CPU per "
+        "request) list the servers in the order of the goodput columns; load = 1-minute load average at the end "
+        "of the first server's row"
     )
     if args.out:
         Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "client": CLIENT, "results": results}, indent=1))

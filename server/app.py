@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,6 +19,7 @@ from .admin import ReloadBody, admin_router
 from .docs import docs_router
 from .feedback import FeedbackStore
 from .gateway import PUBLIC_PATHS, ApiError, Gateway, install_error_handlers
+from .generation import SharedGeneration
 from .limits import BodyLimits
 from .metrics import Metrics
 from .openapi import install_openapi
@@ -28,19 +30,44 @@ from .service import CaptionService
 from .settings import ServerSettings
 
 # build_pool is the pool module's, kept importable here
-__all__ = ["Runtime", "build_pool", "create_app", "exposure_warnings"]
+__all__ = ["Placement", "Runtime", "build_pool", "create_app", "exposure_warnings", "open_store"]
 log = logging.getLogger("reefcap.server")
+
+
+@dataclass
+class Placement:
+    """Where this app runs beside others. ``worker``: its index among the workers of ``reefcap serve --workers``
+    (None: the only process); ``generation`` and ``target``: the shared generation and primary it started on
+    (``target`` None: the configured one); ``shared``: other processes share its feedback store, so a caption
+    is answered only once its record is committed (any of them may be asked for its feedback next)."""
+
+    worker: int | None = None
+    generation: int = 0
+    target: str | None = None
+    shared: bool = False
+
+
+def open_store(settings: ServerSettings) -> FeedbackStore:
+    """The feedback store the settings name: PostgreSQL with ``FEEDBACK_DSN``, else the SQLite ``FEEDBACK_DB``."""
+    return FeedbackStore(settings.feedback_dsn or settings.feedback_db, settings.feedback_retain)
 
 
 class Runtime:
     """What the routes reach through ``app.state.runtime``: the service and reloader once models are up."""
 
-    def __init__(self, settings: ServerSettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        metrics: Metrics,
+        placement: Placement | None = None,
+        store: FeedbackStore | None = None,
+    ) -> None:
         self.settings, self.metrics = settings, metrics
+        self.placement = placement or Placement(shared=bool(settings.feedback_dsn))
         self.service: CaptionService | None = None
         self.reloader: Reloader | None = None
         self.closing = False
-        self._store: FeedbackStore | None = None
+        self._store: FeedbackStore | None = store
         self._tasks: list[asyncio.Task] = []
 
     def ready_service(self) -> CaptionService:
@@ -52,7 +79,8 @@ class Runtime:
 
     async def start(self, pool: ModelPool | None) -> None:
         """Bring the service up on ``pool``; without one, load the models in the background (``/readyz``)."""
-        self._store = FeedbackStore(self.settings.feedback_db, self.settings.feedback_retain)
+        if self._store is None:
+            self._store = open_store(self.settings)
         if pool is not None:
             self._bring_up(pool)
         else:
@@ -62,13 +90,34 @@ class Runtime:
         self._bring_up(await asyncio.to_thread(build_pool, self.settings, self.metrics))
 
     def _bring_up(self, pool: ModelPool) -> None:
-        s = self.settings
-        service = CaptionService(s, pool, self.metrics, self._store)
+        s, where = self.settings, self.placement
+        service = CaptionService(s, pool, self.metrics, self._store, wait_for_records=where.shared)
         service.start()
-        self.reloader = Reloader(pool, s.model, engine_config(s), self.metrics, gate_setup(s, self._store))
+        shared = SharedGeneration(self._store, s.model)
+        gate = gate_setup(s, self._store)
+        primary = where.target or s.model
+        self.reloader = Reloader(pool, primary, engine_config(s), self.metrics, gate, shared, where.generation)
         self.service = service
-        if s.reload_poll_s > 0:
+        if s.reload_poll_s > 0 and not where.worker:  # one folder watcher per server; the other workers follow it
             self._tasks.append(asyncio.create_task(self.reloader.watch(s.reload_poll_s)))
+        self._tasks.append(asyncio.create_task(self.reloader.follow(s.generation_poll_s)))
+        if self.metrics.shared_dir:
+            self.metrics.quality_source = self.quality_scores
+
+    def quality_scores(self) -> list[tuple[tuple[str, ...], float]]:
+        """The quality gauge's series: the loaded models' manifest scores and the shared store's rolling ones
+        (what every worker's scrape shows, whichever served the images)."""
+        out: list[tuple[tuple[str, ...], float]] = []
+        if self.service is not None:
+            out += self.service.pool.manifest_scores()
+        try:
+            for model in self._store.models_with_feedback():
+                scores = self._store.rolling_scores(model, self.settings.feedback_window)
+                kept = [m for m in ("Bleu_4", "CIDEr") if m in scores]
+                out += [((model, m, "feedback", "rolling"), float(scores[m])) for m in kept]
+        except Exception as exc:  # the scrape still answers, without the rolling scores
+            log.error("could not read the rolling scores for /metrics: %s", exc)
+        return out
 
     async def stop(self) -> None:
         self.closing = True
@@ -80,17 +129,23 @@ class Runtime:
             self._store.close()
 
 
-def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings | None = None,
+    pool: ModelPool | None = None,
+    placement: Placement | None = None,
+    store: FeedbackStore | None = None,
+) -> FastAPI:
     """The caption server. Without ``pool``, models load in the background after startup (``/readyz``).
 
     The app reports to the pool's :class:`Metrics` when it has them (``build_pool(settings, metrics)``),
-    else to new ones it gives the pool.
+    else to new ones it gives the pool. ``placement``: where it runs beside other processes; ``store``: its
+    feedback store, already open (else it opens the one the settings name at startup).
     """
     settings = settings or ServerSettings()
     metrics = pool.metrics if pool is not None and pool.metrics is not None else Metrics()
     if pool is not None and pool.metrics is None:
         pool.attach_metrics(metrics)
-    runtime = Runtime(settings, metrics)
+    runtime = Runtime(settings, metrics, placement, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -114,7 +169,7 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
     app.add_middleware(BodyLimits, read_timeout_s=settings.read_timeout_s, max_large_bodies=settings.max_large_bodies)
-    app.add_middleware(Gateway, settings=settings, metrics=metrics)
+    app.add_middleware(Gateway, settings=settings, metrics=metrics, worker=runtime.placement.worker)
     return app
 
 

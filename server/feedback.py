@@ -1,4 +1,4 @@
-"""Reference captions from users, kept durably in SQLite (WAL), scored and exported for training.
+"""Reference captions from users, kept durably in SQLite (WAL) or PostgreSQL, scored and exported for training.
 
 Every captioned image is stored with its caption (``served``), newest ``retain`` kept, plus any image that
 has feedback (those are never pruned). ``POST /v1/feedback`` adds references for a served request id: each
@@ -8,17 +8,23 @@ recently got their first references, kept up to date incrementally (:mod:`reefca
 CIDEr only once 10 images have references, with the image and reference counts they come from);
 ``export`` writes the images and references as a COCO-captions training set. A database that cannot be
 opened or written raises :class:`FeedbackUnavailableError` when the store opens.
+
+Several processes may share one database (the workers of ``reefcap serve --workers N`` share a SQLite file;
+servers on several machines, or Ray Serve replicas, a PostgreSQL database): references are read back by id,
+so the rolling scores of every process follow the posts any of them took, and the served model's generation
+(:meth:`FeedbackStore.publish_serving`) lives beside them. The SQL itself is :mod:`.store_sql`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
-import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +34,15 @@ from reefcap.models.data.records import SPLITS, stable_split
 from reefcap.models.errors import ReefcapError
 from reefcap.models.policy.rolling import RollingScores
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS served (
-    request_id TEXT NOT NULL, idx INTEGER NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
-    caption TEXT NOT NULL, fallback_reason TEXT, image BLOB NOT NULL, ext TEXT NOT NULL,
-    width INTEGER NOT NULL, height INTEGER NOT NULL, created REAL NOT NULL,
-    PRIMARY KEY (request_id, idx)
-);
-CREATE INDEX IF NOT EXISTS served_created ON served (created);
-CREATE TABLE IF NOT EXISTS feedback (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, idx INTEGER NOT NULL,
-    reference TEXT NOT NULL, created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feedback_item ON feedback (request_id, idx);
-"""
+from .store_sql import PRUNE, PUBLISH, READ_SERVING, SERVED_UPSERT, DatabaseError, is_dsn, open_database, redacted
+
 # Served images are stored as sent when small, else re-encoded: training pipelines resize far below this.
 MAX_STORED_BYTES = 1 << 20
 MAX_STORED_SIDE = 1024
+WITH_REFERENCES = (
+    "SELECT s.request_id, s.idx, s.model, s.version, s.caption, s.image, s.ext, s.width, s.height, f.reference, f.id "
+    "FROM served s JOIN feedback f ON f.request_id = s.request_id AND f.idx = s.idx ORDER BY f.id"
+)
 log = logging.getLogger("reefcap.server")
 
 
@@ -81,26 +79,35 @@ def stored_image(data: bytes, image: Image.Image) -> tuple[bytes, str]:
 
 
 class FeedbackStore:
-    """Thread-safe SQLite store. Served images are written behind: ``record_served`` only queues them and one
-    writer thread commits everything queued in one transaction (group commit), so a busy server pays one
-    commit per burst instead of one per request. Reads flush the queue first, and ``close`` drains it."""
+    """Thread-safe store. Served images are written behind: ``record_served`` only queues them and one writer
+    thread commits everything queued in one transaction (group commit), so a busy server pays one commit per
+    burst instead of one per request; a caller that must know the rows are committed (another process may be
+    asked for their feedback next) waits on the future it returns. Reads flush the queue first, and ``close``
+    drains it."""
 
     def __init__(
-        self, path: str | Path, retain: int = 20_000, max_pending_bytes: int = 64 << 20, max_references: int = 20
+        self, where: str | Path, retain: int = 20_000, max_pending_bytes: int = 64 << 20, max_references: int = 20
     ) -> None:
-        """Open (creating if needed) the database at ``path``; :class:`FeedbackUnavailableError` (one line) when
-        it cannot be opened or written: a server that would drop every record must not start as ready."""
-        self.path = Path(path)
+        """Open (creating if needed) the database at ``where``, a SQLite file or a ``postgresql://`` DSN;
+        :class:`FeedbackUnavailableError` (one line) when it cannot be opened or written: a server that would
+        drop every record must not start as ready."""
+        self.path = Path(where) if not is_dsn(where) else None
+        self.where = redacted(str(where)) if is_dsn(where) else str(where)
         self.retain = retain
         self.max_pending_bytes = max_pending_bytes
         self.max_references = max_references  # per served image
-        self._lock = threading.Lock()  # the connection
-        self._db = _open_writable(self.path)
+        self.database = _open_writable(where)
+        self.shared_kind = self.database.kind
+        self._lock = self.database.lock  # the connection
+        self._db = getattr(self.database, "raw", None)  # the sqlite3 connection, where it is one
         self._rolling: dict[str, RollingScores] = {}
         self._rolling_lock = threading.Lock()
+        self._seen: int | None = None  # the highest feedback id the rolling scores have taken in
+        self._models: set[str] = set()
         self._inserts = 0
         self._pending: list[tuple] = []
         self._pending_bytes = 0
+        self._pending_done: Future | None = None
         self._pending_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -115,11 +122,19 @@ class FeedbackStore:
         self._writer.join(timeout=30)
         self.flush()
         with self._lock:
-            self._db.close()
+            self.database.close()
 
-    def record_served(self, request_id: str, rows: Sequence[dict[str, Any]]) -> None:
+    @contextlib.contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        try:
+            yield
+        except DatabaseError as exc:
+            raise FeedbackUnavailableError(f"feedback database {self.where}: {exc}") from None
+
+    def record_served(self, request_id: str, rows: Sequence[dict[str, Any]]) -> Future | None:
         """Queue served images for the writer (returns at once; safe on the event loop): dicts of idx, model,
-        version, caption, fallback_reason, image, ext, width, height."""
+        version, caption, fallback_reason, image, ext, width, height. The future completes when they are
+        committed (None: not kept, the writer is too far behind)."""
         now = time.time()
         batch = [
             (request_id, r["idx"], r["model"], r["version"], r["caption"], r.get("fallback_reason"))
@@ -131,10 +146,12 @@ class FeedbackStore:
             if self._pending_bytes + size > self.max_pending_bytes:  # the disk cannot keep up: keep serving
                 self.dropped += len(batch)
                 log.warning("feedback writer is behind: not keeping %d served images of %s", len(batch), request_id)
-                return
+                return None
             self._pending.extend(batch)
             self._pending_bytes += size
+            done = self._pending_done = self._pending_done or Future()
         self._wake.set()
+        return done
 
     def flush(self) -> None:
         """Commit every queued served image now (reads call this, so they see what was served)."""
@@ -143,14 +160,22 @@ class FeedbackStore:
         with self._lock:
             with self._pending_lock:
                 batch, self._pending, self._pending_bytes = self._pending, [], 0
+                done, self._pending_done = self._pending_done, None
             if not batch:
                 return
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO served VALUES (?,?,?,?,?,?,?,?,?,?,?)", batch)
-                self._inserts += len(batch)
-                if self._inserts >= 256:
-                    self._inserts = 0
-                    self._prune()
+            try:
+                with self._unavailable(), self.database.transaction(write=True):
+                    self.database.executemany(SERVED_UPSERT, batch)
+                    self._inserts += len(batch)
+                    if self._inserts >= 256:
+                        self._inserts = 0
+                        self.database.execute(PRUNE, (self.retain,))
+            except BaseException as exc:
+                if done is not None and not done.cancelled():
+                    done.set_exception(exc)
+                raise
+            if done is not None and not done.cancelled():
+                done.set_result(len(batch))
 
     def _write_loop(self) -> None:
         while not self._closed:
@@ -161,43 +186,27 @@ class FeedbackStore:
             except Exception as exc:  # a full disk must not stop the server; the captions were already served
                 log.error("could not record served images for feedback: %s", exc)
 
-    def _prune(self) -> None:
-        self._db.execute(
-            "DELETE FROM served WHERE created < (SELECT created FROM served ORDER BY created DESC LIMIT 1 OFFSET ?) "
-            "AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.request_id = served.request_id AND f.idx = served.idx)",
-            (self.retain,),
-        )
-
     def add(self, request_id: str, idx: int, references: Sequence[str]) -> dict[str, Any]:
         """Store references for one served image: ``{"model", "stored", "references"}`` (new ones stored, the
         image's total). A reference the image already has is not stored again, so a retried post changes
-        nothing; past ``max_references`` per image the whole post is refused (:class:`TooManyReferencesError`)."""
-        if not 0 <= idx < 2**63:  # SQLite's integers
+        nothing; past ``max_references`` per image the whole post is refused (:class:`TooManyReferencesError`).
+        Committed before it returns: an answered post is never lost."""
+        if not 0 <= idx < 2**63:  # the databases' integers
             raise UnknownRequestError(f"no served image {idx} for request id {request_id!r}")
-        self.flush()
-        try:
-            with self._lock, self._db:
-                model, caption, refs, new = self._insert(request_id, idx, references)
-        except sqlite3.Error as exc:
-            raise FeedbackUnavailableError(f"feedback database {self.path}: {exc}") from None
-        with self._rolling_lock:
-            rolling = self._rolling.get(model)
-            if rolling is not None and new:
-                rolling.update((request_id, idx), caption, refs)
+        with self._unavailable():
+            self.flush()
+            # Exclusive: two processes posting for one image cannot both pass the per-image limit.
+            with self._lock, self.database.transaction(exclusive=True):
+                model, refs, new = self._insert(request_id, idx, references)
         return {"model": model, "stored": len(new), "references": len(refs)}
 
-    def _insert(self, request_id: str, idx: int, references: Sequence[str]) -> tuple[str, str, list[str], list[str]]:
-        row = self._db.execute(
-            "SELECT model, caption FROM served WHERE request_id = ? AND idx = ?", (request_id, idx)
-        ).fetchone()
-        if row is None:
+    def _insert(self, request_id: str, idx: int, references: Sequence[str]) -> tuple[str, list[str], list[str]]:
+        db = self.database
+        row = db.execute("SELECT model FROM served WHERE request_id = ? AND idx = ?", (request_id, idx))
+        if not row:
             raise UnknownRequestError(f"no served image {idx} for request id {request_id!r}")
-        have = [
-            r
-            for (r,) in self._db.execute(
-                "SELECT reference FROM feedback WHERE request_id = ? AND idx = ? ORDER BY id", (request_id, idx)
-            )
-        ]
+        sql = "SELECT reference FROM feedback WHERE request_id = ? AND idx = ? ORDER BY id"
+        have = [r for (r,) in db.execute(sql, (request_id, idx))]
         new = [r for r in dict.fromkeys(references) if r not in set(have)]
         if len(have) + len(new) > self.max_references:
             raise TooManyReferencesError(
@@ -205,26 +214,27 @@ class FeedbackStore:
                 f"the limit of {self.max_references} per image (REEFCAP_FEEDBACK_MAX_REFERENCES)"
             )
         now = time.time()
-        self._db.executemany(
+        db.executemany(
             "INSERT INTO feedback (request_id, idx, reference, created) VALUES (?,?,?,?)",
             [(request_id, idx, ref, now) for ref in new],
         )
-        return row[0], row[1], have + new, new
+        return row[0][0], have + new, new
 
     def pairs(self, model: str, window: int) -> list[tuple[tuple[str, int], str, list[str]]]:
         """((request id, index), served caption, references) of the ``window`` images of ``model`` that most
         recently got their first references, oldest first."""
-        self.flush()
-        with self._lock:
-            rows = self._db.execute(
-                "WITH win AS (SELECT f.request_id, f.idx, min(f.id) AS first FROM feedback f JOIN served s "
-                "ON s.request_id = f.request_id AND s.idx = f.idx WHERE s.model = ? "
-                "GROUP BY f.request_id, f.idx ORDER BY first DESC LIMIT ?) "
-                "SELECT w.request_id, w.idx, s.caption, f.reference FROM win w "
-                "JOIN served s ON s.request_id = w.request_id AND s.idx = w.idx "
-                "JOIN feedback f ON f.request_id = w.request_id AND f.idx = w.idx ORDER BY w.first, f.id",
-                (model, window),
-            ).fetchall()
+        with self._unavailable():
+            self.flush()
+            with self._lock:
+                rows = self.database.execute(
+                    "WITH win AS (SELECT f.request_id, f.idx, min(f.id) AS first FROM feedback f JOIN served s "
+                    "ON s.request_id = f.request_id AND s.idx = f.idx WHERE s.model = ? "
+                    "GROUP BY f.request_id, f.idx ORDER BY first DESC LIMIT ?) "
+                    "SELECT w.request_id, w.idx, s.caption, f.reference FROM win w "
+                    "JOIN served s ON s.request_id = w.request_id AND s.idx = w.idx "
+                    "JOIN feedback f ON f.request_id = w.request_id AND f.idx = w.idx ORDER BY w.first, f.id",
+                    (model, window),
+                )
         grouped: dict[tuple[str, int], tuple[str, list[str]]] = {}
         for rid, idx, caption, ref in rows:
             grouped.setdefault((rid, idx), (caption, []))[1].append(ref)
@@ -232,13 +242,15 @@ class FeedbackStore:
 
     def rolling_scores(self, model: str, window: int) -> dict[str, float | int]:
         """Rolling BLEU-4 and CIDEr of the model's served captions against their references (the library's
-        caption metrics, as ``reefcap eval`` computes them), kept up to date incrementally by :meth:`add`
-        (:class:`~reefcap.models.policy.rolling.RollingScores`); read from the database on first use.
+        caption metrics, as ``reefcap eval`` computes them), kept up to date incrementally with every reference
+        any process sharing the database stored (:class:`~reefcap.models.policy.rolling.RollingScores`); read
+        from the database on first use.
 
         ``{"images", "references", "Bleu_4", "CIDEr"}``: CIDEr is absent until
         :data:`~reefcap.models.policy.rolling.MIN_CIDER_IMAGES` images have references (it is degenerate over
         fewer), Bleu_4 until one has."""
         with self._rolling_lock:
+            self._catch_up()
             rolling = self._rolling.get(model)
             if rolling is None or rolling.window != window:
                 rolling = RollingScores(window)
@@ -248,24 +260,72 @@ class FeedbackStore:
                 return rolling.exact()
             return rolling.scores()
 
+    def _catch_up(self) -> None:
+        """Take in the references stored since the last look, by this process or any other (under the rolling
+        lock). Ids follow commit order (posts are exclusive transactions), so none is skipped."""
+        with self._unavailable(), self._lock:
+            if self._seen is None:
+                top = self.database.execute("SELECT coalesce(max(id), 0) FROM feedback")[0][0]
+                joined = "FROM served s JOIN feedback f ON f.request_id = s.request_id AND f.idx = s.idx"
+                self._models = {m for (m,) in self.database.execute(f"SELECT DISTINCT s.model {joined}")}
+                self._seen = top
+                return
+            sql = "SELECT id, request_id, idx FROM feedback WHERE id > ? ORDER BY id"
+            rows = self.database.execute(sql, (self._seen,))
+            if not rows:
+                return
+            self._seen = rows[-1][0]
+            changed = []
+            for key in dict.fromkeys((rid, idx) for _, rid, idx in rows):  # in the order of their first new reference
+                image = self.database.execute(
+                    "SELECT s.model, s.caption, f.reference FROM served s JOIN feedback f ON f.request_id = "
+                    "s.request_id AND f.idx = s.idx WHERE s.request_id = ? AND s.idx = ? ORDER BY f.id",
+                    key,
+                )
+                if image:
+                    changed.append((key, image[0][0], image[0][1], [r for _, _, r in image]))
+        for key, model, caption, refs in changed:
+            self._models.add(model)
+            rolling = self._rolling.get(model)
+            if rolling is not None:
+                rolling.update(key, caption, refs)
+
     def models_with_feedback(self) -> list[str]:
-        self.flush()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT DISTINCT s.model FROM served s JOIN feedback f ON f.request_id = s.request_id AND f.idx = s.idx"
-            ).fetchall()
-        return [r[0] for r in rows]
+        """The models whose served captions have references, in any process sharing the database."""
+        with self._rolling_lock:
+            self._catch_up()
+            return sorted(self._models)
+
+    # ---- the served model's generation (shared by every process on the database) --------------------
+
+    def serving_record(self, configured: str) -> dict[str, Any] | None:
+        """The latest accepted reload of servers configured with primary ``configured``: ``{"generation",
+        "target", "manifest", "name", "version", "updated"}``, or None before the first."""
+        with self._unavailable(), self._lock:
+            rows = self.database.execute(READ_SERVING, (configured,))
+        keys = ("generation", "target", "manifest", "name", "version", "updated")
+        return dict(zip(keys, rows[0], strict=True)) if rows else None
+
+    def publish_serving(self, configured: str, target: str, manifest: str | None, name: str, version: str) -> int:
+        """Record that ``target`` (manifest SHA-256 ``manifest``) now serves as ``configured``'s primary; the new
+        generation number."""
+        with self._unavailable(), self._lock, self.database.transaction(write=True):
+            rows = self.database.execute(PUBLISH, (configured, target, manifest, name, version, time.time()))
+        return int(rows[0][0])
+
+    # ---- export -------------------------------------------------------------------------------
 
     def _with_references(self) -> list[tuple]:
-        """Every served image with feedback: (request_id, idx, model, version, caption, image, ext, w, h, refs)."""
-        self.flush()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT s.request_id, s.idx, s.model, s.version, s.caption, s.image, s.ext, s.width, s.height, "
-                "group_concat(f.reference, char(31)) FROM served s JOIN feedback f ON f.request_id = s.request_id "
-                "AND f.idx = s.idx GROUP BY s.request_id, s.idx ORDER BY min(f.id)"
-            ).fetchall()
-        return [(*row[:9], tuple(row[9].split("\x1f"))) for row in rows]
+        """Every served image with feedback: (request_id, idx, model, version, caption, image, ext, w, h, refs),
+        in the order of their first reference."""
+        with self._unavailable():
+            self.flush()
+            with self._lock:
+                rows = self.database.execute(WITH_REFERENCES)
+        grouped: dict[tuple[str, int], list] = {}
+        for row in rows:
+            grouped.setdefault((row[0], row[1]), [*row[:9], []])[9].append(row[9])
+        return [(*g[:5], bytes(g[5]), *g[6:9], tuple(g[9])) for g in grouped.values()]
 
     def split_items(self, split: str) -> list[tuple[bytes, tuple[str, ...]]]:
         """(image bytes, references) of the images with feedback in ``split``, the split ``export`` puts them
@@ -304,30 +364,26 @@ def image_split(image: bytes) -> str:
     return stable_split(hashlib.sha256(image).hexdigest())
 
 
-def _open_writable(path: Path) -> sqlite3.Connection:
-    """The database at ``path`` with its schema, after a write probe; one-line error when that fails."""
-    db = None
+def _open_writable(where: str | Path):
+    """The database at ``where`` with its schema, after a write probe; one-line error when that fails."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, check_same_thread=False, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
-        db.executescript(SCHEMA)
-        db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or directory
-        db.execute("CREATE TABLE reefcap_write_probe (x)")
-        db.execute("ROLLBACK")
-    except (OSError, sqlite3.Error) as exc:
-        if db is not None:
-            db.close()
+        return open_database(where)
+    except (OSError, DatabaseError) as exc:
+        if is_dsn(where):
+            hint = "check REEFCAP_FEEDBACK_DSN (and that the server is up and the user may create tables)"
+            message = f"feedback database {redacted(str(where))} cannot be used ({exc}); {hint}"
+            raise FeedbackUnavailableError(message) from None
         raise FeedbackUnavailableError(
-            f"feedback database {path} cannot be opened for writing ({exc}); set --feedback-db or "
+            f"feedback database {where} cannot be opened for writing ({exc}); set --feedback-db or "
             "REEFCAP_FEEDBACK_DB to a writable file"
         ) from None
-    return db
 
 
-def open_store_readonly_check(path: str | Path) -> Path:
-    """The database path, or a clear error when it does not exist (export never creates an empty one)."""
+def open_store_readonly_check(path: str | Path) -> str | Path:
+    """The database to export from, or a clear error when a SQLite file does not exist (export never creates an
+    empty one); a DSN is returned as given."""
+    if is_dsn(path):
+        return path
     p = Path(path)
     if not p.is_file():
         raise ReefcapError(f"{p}: no feedback database (set --db or REEFCAP_FEEDBACK_DB)")

@@ -93,10 +93,12 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 class Gateway:
-    """ASGI middleware: request id header, bearer key, request size limit, request metrics."""
+    """ASGI middleware: request id header, bearer key, request size limit, request metrics; with several workers,
+    ``X-Reefcap-Worker`` names the one that answered."""
 
-    def __init__(self, app: Any, settings: Any, metrics: Any) -> None:
+    def __init__(self, app: Any, settings: Any, metrics: Any, worker: int | None = None) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.worker_header = [] if worker is None else [(b"x-reefcap-worker", str(worker).encode())]
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -113,7 +115,8 @@ class Gateway:
         async def send_wrapped(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status_box["status"], status_box["started"] = message["status"], True
-                message["headers"] = with_security_headers([*message.get("headers", ()), (b"x-request-id", rid)])
+                headers = [*message.get("headers", ()), (b"x-request-id", rid), *self.worker_header]
+                message["headers"] = with_security_headers(headers)
             await send(message)
 
         try:

@@ -286,9 +286,14 @@ class BodyTimeoutError(ApiError):
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, starting the app's drain as soon as shutdown begins (see the module docstring)."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Any) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: Any, on_started: Any = None) -> None:
         super().__init__(config)
-        self.runtime = runtime
+        self.runtime, self.on_started = runtime, on_started
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.on_started is not None and self.started:  # listening now (a worker tells its supervisor)
+            self.on_started()
 
     async def shutdown(self, sockets: Any = None) -> None:
         self.runtime.closing = True  # /readyz answers 503 from now on
@@ -302,8 +307,9 @@ class DrainingServer(uvicorn.Server):
                     await drain
 
 
-def run(app: Any, settings: Any) -> None:
-    """Serve ``app`` with uvicorn under the bounds in ``settings`` until SIGINT/SIGTERM, then drain."""
+def run(app: Any, settings: Any, sockets: list | None = None, on_started: Any = None) -> None:
+    """Serve ``app`` with uvicorn under the bounds in ``settings`` until SIGINT/SIGTERM, then drain; on ``sockets``
+    (bound, not listening) when given, else on ``settings.host`` and ``port``; ``on_started()`` once listening."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -319,7 +325,7 @@ def run(app: Any, settings: Any) -> None:
     config.http_protocol_class = bounded_protocol(
         config.http_protocol_class, settings.max_connections, settings.read_timeout_s, settings.retry_after_s
     )
-    DrainingServer(config, app.state.runtime).run()
+    DrainingServer(config, app.state.runtime, on_started).run(sockets=sockets)
 
 
 # Collections of the youngest generation run every GC_GEN0 container allocations instead of Python's 700. A request

@@ -121,6 +121,7 @@ class ModelPool:
         self.cost = CostModel()
         self.workers = workers  # batches the batcher may hand over at once
         self._manifest_labels: list[tuple[str, ...]] = []
+        self._info_labels: list[tuple[str, ...]] = []
         self.metrics: Metrics | None = None
         if metrics is not None:
             self.attach_metrics(metrics)
@@ -177,22 +178,32 @@ class ModelPool:
         """Set the model-info and manifest-quality gauges and the breaker gauge from the current state."""
         if self.metrics is None:
             return
-        self.metrics.model_info.clear()
         # Only the manifest gauges are replaced; rolling feedback scores stay.
+        for labels in self._info_labels:
+            self.metrics.retire(self.metrics.model_info, labels)
         for labels in self._manifest_labels:
-            self.metrics.quality.remove(*labels)
-        self._manifest_labels = []
+            self.metrics.retire(self.metrics.quality, labels)
         self.metrics.breaker_open.set(1 if self.circuit_open else 0)
-        for m in (self.primary, self.fallback):
-            if m:
-                i = m.info
-                self.metrics.model_info.labels(m.role, i.name, i.version, i.backend).set(1)
-                for split, values in (m.manifest.get("metrics") or {}).items():
-                    for metric, value in (values or {}).items() if isinstance(values, dict) else ():
-                        if isinstance(value, (int, float)):
-                            labels = (i.name, metric, "manifest", split)
-                            self.metrics.quality.labels(*labels).set(value)
-                            self._manifest_labels.append(labels)
+        self._info_labels = [(m.role, m.info.name, m.info.version, m.info.backend) for m in self._models()]
+        for labels in self._info_labels:
+            self.metrics.model_info.labels(*labels).set(1)
+        scores = self.manifest_scores()
+        for labels, value in scores:
+            self.metrics.quality.labels(*labels).set(value)
+        self._manifest_labels = [labels for labels, _ in scores]
+
+    def manifest_scores(self) -> list[tuple[tuple[str, str, str, str], float]]:
+        """((model, metric, "manifest", split), value) of every number in the loaded models' manifests."""
+        out = []
+        for m in self._models():
+            for split, values in (m.manifest.get("metrics") or {}).items():
+                for metric, value in (values or {}).items() if isinstance(values, dict) else ():
+                    if isinstance(value, (int, float)):
+                        out.append(((m.info.name, metric, "manifest", split), float(value)))
+        return out
+
+    def _models(self) -> list[Model]:
+        return [m for m in (self.primary, self.fallback) if m]
 
     # ---- inference ----------------------------------------------------------------------------
 

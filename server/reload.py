@@ -20,6 +20,7 @@ from reefcap.models.errors import ReefcapError
 from reefcap.models.policy.gate import GateConfig, GateItems, GateReport, choose_gate_set, run_gate
 from reefcap.models.registry import resolve_model
 
+from .generation import Record, SharedGeneration
 from .pool import ModelPool, checkpoint_manifest, evaluation_manifest
 
 log = logging.getLogger("reefcap.server")
@@ -73,16 +74,27 @@ def gate_setup(settings: Any, store: Any | None) -> GateSetup:
 
 
 class Reloader:
-    """Loads, gates and swaps primaries; also watches the primary's folder when polling is on."""
+    """Loads, gates and swaps primaries; publishes each accepted one to the processes that share the feedback
+    store and follows theirs (:mod:`.generation`); also watches the primary's folder when polling is on."""
 
     def __init__(
-        self, pool: ModelPool, model: str, config: EngineConfig, metrics: Any, gate: GateSetup | None = None
+        self,
+        pool: ModelPool,
+        model: str,
+        config: EngineConfig,
+        metrics: Any,
+        gate: GateSetup | None = None,
+        shared: SharedGeneration | None = None,
+        generation: int = 0,
     ) -> None:
         """``config``: the one the pool's models were loaded with (``auto`` settled per model by the loader), so
-        a reloaded model gets the backend, dtype and threads it would get at start-up."""
+        a reloaded model gets the backend, dtype and threads it would get at start-up. ``shared``: the generation
+        record this process publishes to and follows; ``generation``: the one the pool's primary is."""
         self.pool, self.model, self.config, self.metrics = pool, model, config, metrics
         self.gate = gate or GateSetup(DecodeOptions.greedy())
         self.last_report: GateReport | None = None
+        self.shared, self.generation = shared or SharedGeneration(None, model), generation
+        self._refused = 0  # a generation whose files did not check out here: not tried again
         self._lock = asyncio.Lock()
 
     def _judge(self, engine, target: str) -> GateReport:
@@ -124,7 +136,48 @@ class Reloader:
             self.metrics.reloads.labels("swapped").inc()
             info = engine.describe().to_dict()
             log.info("primary reloaded: %s %s (gate: %s)", info["name"], info["version"], report.gate_set)
-            return {"swapped": True, "primary": info, "previous": previous, "gate": report.to_dict()}
+            await self._publish(target, info)
+            answer = {"swapped": True, "primary": info, "previous": previous, "gate": report.to_dict()}
+            return {**answer, "generation": self.generation}
+
+    async def _publish(self, target: str, info: dict[str, Any]) -> None:
+        try:
+            self.generation = await asyncio.to_thread(self.shared.publish, target, info)
+        except ReefcapError as exc:  # swapped here; the others keep what they serve until the next reload
+            log.error("reload of %s not published to the other workers and servers: %s", target, exc)
+
+    async def follow(self, interval_s: float) -> None:
+        """Swap to each newer generation another process published, every ``interval_s``."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                record = await asyncio.to_thread(self.shared.read)
+            except ReefcapError as exc:
+                log.warning("could not read the generation record: %s", exc)
+                continue
+            if record is not None and record.number > max(self.generation, self._refused):
+                await self._follow(record)
+
+    async def _follow(self, record: Record) -> None:
+        async with self._lock:
+            if record.number <= self.generation:  # this process published it, or followed it meanwhile
+                return
+            problems = await asyncio.to_thread(record.problems)
+            try:
+                if problems:
+                    raise ReefcapError("; ".join(problems))
+                engine = await asyncio.to_thread(load_engine, record.target, self.config)
+            except ReefcapError as exc:
+                self._refused = record.number
+                self.metrics.reloads.labels("load_failed").inc()
+                log.error("generation %d (%s) not followed: %s", record.number, record.target, exc)
+                return
+            candidate = checkpoint_manifest(record.target) or evaluation_manifest(engine.describe().source)
+            self.pool.swap_primary(engine, candidate)
+            self.model, self.generation = record.target, record.number
+            self.metrics.reloads.labels("followed").inc()
+            info = engine.describe()
+            log.info("primary follows generation %d: %s %s", record.number, info.name, info.version)
 
     def _folder(self) -> Path:
         try:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, get_type_hints
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from reefcap.models.engines.base import DecodeOptions
@@ -190,6 +190,7 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse(body, status_code=503)
     pool = runtime.service.pool.status()
     ok = pool["ready"] and not runtime.closing
+    reloader = runtime.reloader
     degraded = pool["serving"] != "primary" or pool["circuit_open"]
     body = {
         "ready": ok,
@@ -198,13 +199,19 @@ async def readyz(request: Request) -> JSONResponse:
         "primary": public_info(pool["primary"]),
         "fallback": public_info(pool["fallback"]),
         "circuit_open": pool["circuit_open"],
+        # The shared generation the primary is (0: the configured primary, no reload yet), and which worker answered.
+        "generation": reloader.generation if reloader is not None else 0,
+        "worker": runtime.placement.worker,
     }
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    metrics = request.app.state.metrics
+    # Shared metrics read every worker's files and the feedback store: off the event loop.
+    text = await asyncio.to_thread(metrics.exposition) if metrics.shared_dir else metrics.exposition()
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models", responses=errors(401, 405, 500, 503))

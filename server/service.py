@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from .pool import ModelPool
 from .settings import ServerSettings
 
 log = logging.getLogger("reefcap.server")
+RECORD_WAIT_S = 5.0  # longest a caption answer waits for its served images to be committed (then it goes anyway)
 
 
 @dataclass
@@ -55,8 +56,18 @@ def decode_one(data: bytes, limits: ImageLimits, index: int, measure: bool = Tru
 class CaptionService:
     """Owns the batcher, the decoding threads and the feedback store for one app."""
 
-    def __init__(self, settings: ServerSettings, pool: ModelPool, metrics: Metrics, store: FeedbackStore) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        pool: ModelPool,
+        metrics: Metrics,
+        store: FeedbackStore,
+        wait_for_records: bool = False,
+    ) -> None:
+        """``wait_for_records``: answer a caption request only once its served images are committed, because
+        another process sharing the store may be asked for their feedback next (several workers or servers)."""
         self.settings = settings
+        self.wait_for_records = wait_for_records
         self.pool = pool
         self.metrics = metrics
         self.store = store
@@ -168,8 +179,16 @@ class CaptionService:
             self._observe(d, s)
             measured = {"uiqm": d.uiqm, "uciqe": d.uciqe} if quality else None
             results.append(s.replace(index=i, latency_ms=latency_ms, quality=measured).to_dict())
-        self._record(request_id, decoded, served)
+        done = self._record(request_id, decoded, served)
+        if done is not None and self.wait_for_records:
+            await self._committed(done, request_id)
         return results
+
+    async def _committed(self, done: Future, request_id: str) -> None:
+        try:  # shielded: the commit is shared by the whole group of requests, never cancelled by one of them
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), RECORD_WAIT_S)
+        except Exception as exc:  # the caption is served all the same
+            log.warning("served images of request %s not confirmed written: %s", request_id, exc or type(exc).__name__)
 
     def _sample(self) -> bool:
         """Whether to measure an image nobody asked the quality of: ``quality_sample_rate`` of them, evenly spread."""
@@ -177,8 +196,8 @@ class CaptionService:
         self._quality_credit += self.settings.quality_sample_rate - measure
         return measure
 
-    def _record(self, request_id: str, decoded: list[DecodedUpload], served: list[CaptionResult]) -> None:
-        """Queue the served images for feedback (the store writes behind)."""
+    def _record(self, request_id: str, decoded: list[DecodedUpload], served: list[CaptionResult]) -> Future | None:
+        """Queue the served images for feedback (the store writes behind); done when they are committed."""
         rows = [
             {
                 "idx": i,
@@ -194,9 +213,10 @@ class CaptionService:
             for i, (d, s) in enumerate(zip(decoded, served, strict=True))
         ]
         try:  # the caption is served even if the feedback record cannot be kept
-            self.store.record_served(request_id, rows)
+            return self.store.record_served(request_id, rows)
         except Exception as exc:
             log.error("could not record request %s for feedback: %s", request_id, exc)
+            return None
 
     def _observe(self, d: DecodedUpload, s: CaptionResult) -> None:
         m = self.metrics

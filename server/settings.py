@@ -259,6 +259,52 @@ class ServerSettings(BaseSettings):
         "does not ask (`options.quality`); evenly spread, the first image included",
     )
 
+    # ---- Scale-out (issue 24; README "Workers, Ray Serve and PostgreSQL") ----
+    # One by default: each worker holds its own copy of the models (and a CUDA context on a GPU), and a model
+    # whose arithmetic already fills the cores gains nothing from a second process; the bundled model on two
+    # vCPUs does (the interpreter lock, not arithmetic, bounds one process there).
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes on the one port (Linux), each with its own models, queue and connection "
+        "limit, replaced if one dies; metrics, feedback and reloads are shared. 1: one process",
+    )
+    feedback_dsn: str | None = Field(
+        None,
+        repr=False,
+        json_schema_extra=VARIABLE_ONLY,
+        description="`postgresql://user:password@host/db`: feedback and the served model's generation in "
+        "PostgreSQL, shared by servers on several machines (the `postgres` extra); unset: the SQLite `FEEDBACK_DB`",
+    )
+    generation_poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="seconds between reads of the shared generation record: a reload accepted by any worker or "
+        "server on the same feedback store reaches this one within that and a model load",
+    )
+    ray: bool = Field(False, description="serve as a Ray Serve deployment (the `ray` extra) instead of uvicorn")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join with `--ray` (`auto`, `ray://HOST:10001`); unset: start a local one"
+    )
+    replicas: int = Field(1, ge=1, description="Ray Serve replicas at start, and the fewest autoscaling keeps")
+    max_replicas: int = Field(0, ge=0, description="Ray Serve autoscaling ceiling; 0: `REPLICAS` (no autoscaling)")
+    target_ongoing_requests: float = Field(
+        0,
+        ge=0,
+        description="requests in flight per replica that Ray Serve's autoscaler aims at; 0: `MAX_BATCH_SIZE` "
+        "(a replica is busy when it holds a full batch)",
+    )
+
+    @field_validator("feedback_dsn")
+    @classmethod
+    def _check_dsn(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not re.match(r"postgres(ql)?://", value, re.IGNORECASE):
+            raise ValueError("must be a PostgreSQL URL, postgresql://user:password@host:port/database")
+        return value
+
 
 def secret_fields() -> list[str]:
     """The settings whose values never appear in an error message or a repr."""

@@ -97,3 +97,17 @@ def engines(varied_model, tiny_model, tmp_path_factory):
         "short": unchecked_engine_class().load(str(init_tiny(root / "short", config=SHORT)), CPU),
         "root": root,
     }
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's binaries, as an unprivileged user) for the session: skipped where the
+    package is missing, failed on CI, whose .ci/run installs it."""
+    from pg_helpers import PostgresServer, postgres_bin
+
+    if postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    with PostgresServer() as server:
+        yield server

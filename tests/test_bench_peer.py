@@ -50,24 +50,33 @@ def test_peer_answers_the_checkpoints_greedy_captions(euvp_images):
 
 
 def test_quick_side_by_side_run(tmp_path, capsys):
-    """``make bench-server BENCH_SERVER_ARGS=--quick``: both servers at 1, 8 and 32 connections, every
-    reefcap request answered 200, the table and the JSON written."""
+    """``make bench-server BENCH_SERVER_ARGS=--quick``: reefcap, reefcap with two workers and the peer at 1, 8
+    and 32 connections, every reefcap request answered 200, the table and the JSON written."""
     out = tmp_path / "bench.json"
     assert bench_vs.main(["--quick", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = next(iter(result["results"].values()))
     assert sorted((r["server"], r["concurrency"]) for r in rows) == sorted(
-        (s, c) for s in ("reefcap", "litserve") for c in (1, 8, 32)
+        (s, c) for s in ("reefcap", "reefcap x2", "litserve") for c in (1, 8, 32)
     )
     for r in rows:
         assert r["goodput"] > 0 and r["client_cpu_ms_per_req"] > 0 and r["server_cpu_ms_per_req"] > 0
         assert r["server"] == "litserve" or r["errors"] == 0
     printed = capsys.readouterr().out
-    assert "ratio = reefcap goodput / LitServe goodput" in printed
-    # Then the serving default routed against itself unrouted, side by side on the all-underwater photos.
-    routing = json.loads((tmp_path / "bench-routing.json").read_text())["rows"]
+    assert "ratio = goodput / LitServe goodput" in printed and "ratio x2" in printed
+
+
+def test_quick_routing_run(tmp_path, capsys):
+    """``python -m reefcap.bench.routing --quick`` (the second half of ``make bench-server``): the serving default
+    routed against itself unrouted, side by side on the all-underwater photos, every request answered."""
+    from reefcap.bench import routing as bench_routing
+
+    out = tmp_path / "bench-routing.json"
+    assert bench_routing.main(["--quick", "--out", str(out)]) == 0
+    routing = json.loads(out.read_text())["rows"]
     assert sorted((r["server"], r["concurrency"]) for r in routing) == sorted(
         (s, c) for s in ("routed", "unrouted") for c in (1, 8, 32)
     )
     assert all(r["errors"] == 0 and r["goodput"] > 0 for r in routing)
+    printed = capsys.readouterr().out
     assert "router alone:" in printed and "23/23 photos routed underwater" in printed
