@@ -17,47 +17,44 @@ import argparse
 import base64
 import io
 import sys
-from typing import Any
+
+# Imported at the top on purpose: LitServe pickles the API class into its inference process, so the class must
+# live at module level (a class built inside a function cannot be pickled). Only the peer's own process and
+# the bench import this module; the bench extra (litserve) is what it needs.
+import litserve as ls
+import torch
+from PIL import Image
+from transformers import BlipForConditionalGeneration, BlipProcessor
 
 PROMPT = "a picture of"
 
 
-def api_class() -> type:
-    """The LitServe API class; built on call so that importing this module needs neither LitServe nor torch
-    (the ``bench`` extra is only for the peer's own process)."""
-    import litserve as ls
-    import torch
-    from PIL import Image
-    from transformers import BlipForConditionalGeneration, BlipProcessor
+class BlipCaptionAPI(ls.LitAPI):
+    """BLIP captioning as a batched LitServe API: one image per request, a list of images per ``predict``."""
 
-    class BlipCaptionAPI(ls.LitAPI):
-        """BLIP captioning as a batched LitServe API: one image per request, a list of images per ``predict``."""
+    def __init__(self, model: str, max_length: int = 20, threads: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model_path, self.max_length, self.threads = model, max_length, threads
 
-        def __init__(self, model: str, max_length: int = 20, threads: int = 0, **kwargs) -> None:
-            super().__init__(**kwargs)
-            self.model_path, self.max_length, self.threads = model, max_length, threads
+    def setup(self, device: str) -> None:
+        if self.threads:  # set here: setup runs in LitServe's inference worker process
+            torch.set_num_threads(self.threads)
+        self.device = device
+        self.processor = BlipProcessor.from_pretrained(self.model_path)
+        self.model = BlipForConditionalGeneration.from_pretrained(self.model_path).to(device).eval()
 
-        def setup(self, device: str) -> None:
-            if self.threads:  # set here: setup runs in LitServe's inference worker process
-                torch.set_num_threads(self.threads)
-            self.device = device
-            self.processor = BlipProcessor.from_pretrained(self.model_path)
-            self.model = BlipForConditionalGeneration.from_pretrained(self.model_path).to(device).eval()
+    def decode_request(self, request: dict) -> Image.Image:
+        return Image.open(io.BytesIO(base64.b64decode(request["image"]))).convert("RGB")
 
-        def decode_request(self, request: dict) -> Any:
-            return Image.open(io.BytesIO(base64.b64decode(request["image"]))).convert("RGB")
+    def predict(self, images: list[Image.Image]) -> list[str]:
+        inputs = self.processor(images=images, text=[PROMPT] * len(images), return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_length=self.max_length, num_beams=1, do_sample=False)
+        captions = self.processor.batch_decode(out, skip_special_tokens=True)
+        return [c[len(PROMPT) :].strip() if c.startswith(PROMPT) else c.strip() for c in captions]
 
-        def predict(self, images: list[Any]) -> list[str]:
-            inputs = self.processor(images=images, text=[PROMPT] * len(images), return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                out = self.model.generate(**inputs, max_length=self.max_length, num_beams=1, do_sample=False)
-            captions = self.processor.batch_decode(out, skip_special_tokens=True)
-            return [c[len(PROMPT) :].strip() if c.startswith(PROMPT) else c.strip() for c in captions]
-
-        def encode_response(self, caption: str) -> dict[str, str]:
-            return {"caption": caption}
-
-    return BlipCaptionAPI
+    def encode_response(self, caption: str) -> dict[str, str]:
+        return {"caption": caption}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="auto", help="auto picks CUDA when torch sees a GPU")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
-    import litserve as ls
-
-    api = api_class()(
+    api = BlipCaptionAPI(
         args.model, args.max_length, args.threads, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout
     )
     # timeout: the longest a request may wait for its answer (LitServe's default is 30 s; 120 s keeps the
