@@ -2,6 +2,8 @@
 
 - :mod:`.captioning`: the captioning policy (primary, fallback, circuit breaker, degenerate-caption
   replacement), the one object every entrypoint captions through, with its lanes and breaker (:mod:`.lanes`);
+- :mod:`.routing`: the per-image router (underwater or in air) saved beside an adapted model, and the split
+  of a batch by route;
 - :mod:`.results`: :class:`CaptionResult`, the one record of a captioned image every entrypoint answers with;
 - :mod:`.loading`: the default models and opening a policy for an entrypoint;
 - :mod:`.gate`: the quality gate a candidate passes before it replaces the serving model;
