@@ -285,7 +285,9 @@ class ServerSettings(BaseSettings):
     )
     ray: bool = Field(False, description="serve as a Ray Serve deployment (the `ray` extra) instead of uvicorn")
     ray_address: str | None = Field(
-        None, description="Ray cluster to join with `--ray` (`auto`, `ray://HOST:10001`); unset: start a local one"
+        None,
+        description="Ray cluster to join with `--ray` (`auto`, `ray://HOST:10001`); unset: `RAY_ADDRESS`, a cluster "
+        "`ray start` runs here, else a new local one",
     )
     replicas: int = Field(1, ge=1, description="Ray Serve replicas at start, and the fewest autoscaling keeps")
     max_replicas: int = Field(0, ge=0, description="Ray Serve autoscaling ceiling; 0: `REPLICAS` (no autoscaling)")
