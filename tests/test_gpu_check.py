@@ -10,6 +10,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from reefcap.bench import gpu_sections
 from reefcap.bench.gpu_check import TITLES, WORKER_SECTIONS, Plan, Section, render, run_worker
 
@@ -24,6 +26,9 @@ def _row(text: str, *cells: str) -> list[str]:
     return [c.strip() for c in found[0].strip("|").split("|")]
 
 
+# ~29 s on 2 vCPUs (every section run on the CPU): kept out of `make test` to hold it under 8 minutes; it runs in
+# `make test-slow`, and `make gpu-check-dry` runs the same dry run from the command line.
+@pytest.mark.slow
 def test_dry_run_writes_every_section_with_numbers(tmp_path, euvp_images):
     out = tmp_path / "report"
     env = {**os.environ, "PYTHON": sys.executable}
