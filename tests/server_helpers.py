@@ -142,6 +142,23 @@ class LiveServer:
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
+def raw_caption_request(key: str) -> bytes:
+    """The bytes of one ``POST /v1/captions`` of a single PNG (multipart, ``Connection: close``), for bursts
+    written straight to sockets."""
+    boundary = "reefcapburst"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + png_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/captions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
 def _samples(text: str, name: str, labels: dict) -> list[float]:
     """Values of the samples of series ``name`` whose labels include ``labels`` (exposition text format)."""
     want = {k: str(v) for k, v in labels.items()}

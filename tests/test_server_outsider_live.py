@@ -20,7 +20,7 @@ import zlib
 
 import httpx
 import pytest
-from server_helpers import LiveServer, copy_model, headless_page, png_bytes
+from server_helpers import LiveServer, copy_model, headless_page, png_bytes, raw_caption_request
 
 KEY, ADMIN_KEY = "outsider-key", "outsider-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -278,22 +278,10 @@ async def _one_request(port: int, request: bytes) -> tuple[int | str, dict[str, 
 def test_a_burst_past_the_connection_limit_gets_answers_not_closed_sockets(server):
     """600 concurrent single-image requests at the default limits (128 connections): each gets 200 or a 503
     with Retry-After. Before: those past the limit had their sockets closed unanswered."""
-    boundary = "reefcapburst"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode()
-        + png_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    head = (
-        f"POST /v1/captions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    request = raw_caption_request(KEY)
 
     async def burst():
-        return await asyncio.wait_for(
-            asyncio.gather(*(_one_request(server.port, head + body) for _ in range(600))), 120
-        )
+        return await asyncio.wait_for(asyncio.gather(*(_one_request(server.port, request) for _ in range(600))), 120)
 
     answers = asyncio.run(burst())
     statuses = [status for status, _ in answers]

@@ -22,7 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from server_helpers import LiveServer, copy_model, metric, metric_or_zero, png_bytes, write_manifest
+from server_helpers import (
+    LiveServer,
+    copy_model,
+    metric,
+    metric_or_zero,
+    png_bytes,
+    raw_caption_request,
+    write_manifest,
+)
 
 from reefcap.server.settings import ServerSettings
 
@@ -199,20 +207,10 @@ async def _one(port: int, request: bytes) -> tuple[int | str, dict[str, str]]:
 
 
 def test_a_burst_of_600_concurrent_requests_gets_an_answer_each(server):
-    boundary = "reefcapburst"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode()
-        + png_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    head = (
-        f"POST /v1/captions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    request = raw_caption_request(KEY)
 
     async def burst():
-        return await asyncio.wait_for(asyncio.gather(*(_one(server.port, head + body) for _ in range(600))), 120)
+        return await asyncio.wait_for(asyncio.gather(*(_one(server.port, request) for _ in range(600))), 120)
 
     answers = asyncio.run(burst())
     counts = collections.Counter(str(status) for status, _ in answers)
