@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -157,6 +158,23 @@ def raw_caption_request(key: str) -> bytes:
         f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
+
+
+async def send_raw(port: int, request: bytes) -> tuple[int | str, dict[str, str]]:
+    """Write ``request`` to a fresh loopback connection and read to EOF (``Connection: close``): the status and
+    the lower-cased headers, or why there was no answer (an ``OSError``'s name, or "closed unanswered")."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+    except OSError as exc:
+        return type(exc).__name__, {}
+    if not data:
+        return "closed unanswered", {}
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    return int(head[0].split()[1]), {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
 
 
 def _samples(text: str, name: str, labels: dict) -> list[float]:

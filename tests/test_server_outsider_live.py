@@ -20,7 +20,7 @@ import zlib
 
 import httpx
 import pytest
-from server_helpers import LiveServer, copy_model, headless_page, png_bytes, raw_caption_request
+from server_helpers import LiveServer, copy_model, headless_page, png_bytes, raw_caption_request, send_raw
 
 KEY, ADMIN_KEY = "outsider-key", "outsider-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -260,28 +260,13 @@ def test_a_reload_body_that_is_not_json_is_refused(server):
         assert r.status_code == 400 and _error(r)["code"] == "invalid_json", r.text
 
 
-async def _one_request(port: int, request: bytes) -> tuple[int | str, dict[str, str]]:
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-        await writer.drain()
-        data = await reader.read()  # Connection: close: the answer ends at EOF
-        writer.close()
-    except OSError as exc:
-        return type(exc).__name__, {}
-    if not data:
-        return "closed unanswered", {}
-    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
-    return int(head[0].split()[1]), {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
-
-
 def test_a_burst_past_the_connection_limit_gets_answers_not_closed_sockets(server):
     """600 concurrent single-image requests at the default limits (128 connections): each gets 200 or a 503
     with Retry-After. Before: those past the limit had their sockets closed unanswered."""
     request = raw_caption_request(KEY)
 
     async def burst():
-        return await asyncio.wait_for(asyncio.gather(*(_one_request(server.port, request) for _ in range(600))), 120)
+        return await asyncio.wait_for(asyncio.gather(*(send_raw(server.port, request) for _ in range(600))), 120)
 
     answers = asyncio.run(burst())
     statuses = [status for status, _ in answers]

@@ -29,6 +29,7 @@ from server_helpers import (
     metric_or_zero,
     png_bytes,
     raw_caption_request,
+    send_raw,
     write_manifest,
 )
 
@@ -191,26 +192,11 @@ def test_one_reload_reaches_every_worker_while_requests_keep_being_answered(serv
     assert versions[new] > 0
 
 
-async def _one(port: int, request: bytes) -> tuple[int | str, dict[str, str]]:
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-        await writer.drain()
-        data = await reader.read()
-        writer.close()
-    except OSError as exc:
-        return type(exc).__name__, {}
-    if not data:
-        return "closed unanswered", {}
-    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
-    return int(head[0].split()[1]), {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
-
-
 def test_a_burst_of_600_concurrent_requests_gets_an_answer_each(server):
     request = raw_caption_request(KEY)
 
     async def burst():
-        return await asyncio.wait_for(asyncio.gather(*(_one(server.port, request) for _ in range(600))), 120)
+        return await asyncio.wait_for(asyncio.gather(*(send_raw(server.port, request) for _ in range(600))), 120)
 
     answers = asyncio.run(burst())
     counts = collections.Counter(str(status) for status, _ in answers)
