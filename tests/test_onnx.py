@@ -208,6 +208,42 @@ def test_checkpoint_with_its_own_manifest_is_exported_not_mistaken_for_an_export
     assert len(engine.caption(euvp_images[:1], DecodeOptions.greedy())) == 1
 
 
+def test_decoder_reshapes_take_constant_shapes(exported):
+    """Each decoding step runs every node of the decoder, and ORT pays per node whatever the batch: the graphs
+    build their reshapes from constants, not from Shape -> Gather -> Unsqueeze -> Concat chains per reshape
+    (revision 1 exported 634 nodes besides constants for 4 layers, 94 of them Shape and 119 Unsqueeze)."""
+    import onnx
+
+    graph = onnx.load(str(exported / DECODER)).graph
+    layers = read_manifest(exported)["decoder"]["layers"]
+    ops = [n.op_type for n in graph.node]
+    # Per layer: one Shape for the image-count fold of the cross-attention queries and one for its way back.
+    assert ops.count("Shape") <= 2 * layers + 2, ops.count("Shape")
+    assert ops.count("Unsqueeze") <= 4 and ops.count("Pow") == 0  # no per-attention sqrt of a traced width
+    work = [op for op in ops if op not in ("Constant", "Identity")]
+    assert len(work) <= 70 * layers, len(work)
+    assert read_manifest(exported)["graphs"] == 2
+
+
+def test_a_cache_entry_with_older_graphs_is_exported_again(varied_model, exported, tmp_path, monkeypatch):
+    """An export made by an older reefcap loads and answers the same, but the cache replaces it with today's
+    faster graphs; an export folder given by path is used as it is."""
+    import shutil
+
+    from reefcap.models.export.onnx import cached_export
+
+    monkeypatch.setenv("REEFCAP_CACHE", str(tmp_path / "cache"))
+    entry = tmp_path / "cache" / "onnx" / f"{weights_version(varied_model)}-fp32"
+    shutil.copytree(exported, entry)
+    manifest = json.loads((entry / MANIFEST).read_text())
+    del manifest["graphs"]  # as revision 1 wrote it
+    (entry / MANIFEST).write_text(json.dumps(manifest))
+    assert cached_export(str(entry)) == entry  # by path: as given
+    assert read_manifest(entry, verify=False).get("graphs") is None
+    assert cached_export(str(varied_model)) == entry
+    assert read_manifest(entry)["graphs"] == 2
+
+
 def test_unsupported_dtype_is_a_clear_error(exported):
     with pytest.raises(ModelLoadError, match="onnx backend runs"):
         OnnxCaptionEngine.load(str(exported), EngineConfig(device="cpu", dtype="bf16"))

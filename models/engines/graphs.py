@@ -24,20 +24,52 @@ import torch
 from torch import nn
 
 
-def split_heads(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``(B, T, H*D)`` -> ``(B, H, T, D)``."""
-    b, t, _ = x.shape
-    return x.view(b, t, n, -1).transpose(1, 2)
+class _KeepReshape(torch.autograd.Function):
+    """``x.reshape(shape)`` where a 0 keeps ``x``'s size in that dimension (ONNX Reshape's own rule; torch's ONNX
+    shape inference also wants one -1), exported as one Reshape with a constant shape.
+
+    Traced sizes (``x.view(b, t, n, -1)``) export as a chain of Shape, Gather, Unsqueeze and Concat nodes per
+    reshape: they were half the decoder's nodes, and ORT pays about a microsecond per node per decoding step
+    whatever the batch."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, shape: tuple[int, ...]) -> Any:
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
 
 
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """``(R, H, T, D)`` -> ``(R, T, H*D)``."""
-    r, h, t, d = x.shape
-    return x.transpose(1, 2).reshape(r, t, h * d)
+class _FoldRows(torch.autograd.Function):
+    """``x.reshape(ref.shape[0], -1, *tail)``: rows folded onto the first dimension of ``ref`` (three nodes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, ref: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape(ref.shape[0], -1, *tail)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, ref: Any, tail: tuple[int, ...]) -> Any:
+        first = g.op("Shape", ref, start_i=0, end_i=1)
+        rest = g.op("Constant", value_t=torch.tensor((-1, *tail), dtype=torch.int64))
+        return g.op("Reshape", x, g.op("Concat", first, rest, axis_i=0))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    scores = torch.matmul(q, k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+# Sizes read off a tensor while tracing are traced values, which an autograd.Function cannot take as constants:
+# the head count and width come from the config as plain ints.
+def split_heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """``(B, T, n*d)`` -> ``(B, n, T, d)``."""
+    return _KeepReshape.apply(x, (0, -1, n, d)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``(R, H, T, D)`` -> ``(R, T, width)`` (width = H*D)."""
+    return _KeepReshape.apply(x.transpose(1, 2), (0, -1, width))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention over heads of width ``d`` (a constant: read off ``q`` it would be traced)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / (d**0.5)
     if mask is not None:
         scores = scores + mask
     return torch.matmul(torch.softmax(scores, dim=-1), v)
@@ -48,7 +80,8 @@ def cross_keys_values(layers: Any, image: torch.Tensor, n_heads: int) -> list[to
     out = []
     for layer in layers:
         att = layer.crossattention.self
-        out += [split_heads(att.key(image), n_heads), split_heads(att.value(image), n_heads)]
+        d = att.attention_head_size
+        out += [split_heads(att.key(image), n_heads, d), split_heads(att.value(image), n_heads, d)]
     return out
 
 
@@ -90,14 +123,13 @@ class DecoderGraph(nn.Module):
 
     def cross(self, layer: Any, h: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
         """Cross-attention: rows of one image (its beams) are folded into the query length so they share the
-        image's keys/values: (R, H, T, D) -> (B, H, R/B * T, D), no mask (every patch is visible)."""
-        rows, images = h.shape[0], ck.shape[0]
-        q = split_heads(layer.crossattention.self.query(h), self.n_heads)
-        _, nh, t, d = q.shape
-        q = q.reshape(images, -1, nh, t, d).transpose(1, 2).reshape(images, nh, -1, d)
-        ctx = attend(q, ck, cv)
-        ctx = ctx.reshape(images, nh, -1, t, d).transpose(1, 2).reshape(rows, nh, t, d)
-        return layer.crossattention.output(merge_heads(ctx), h)
+        image's keys/values: (R, T, H*D) -> (B, H, R/B * T, D), no mask (every patch is visible)."""
+        att = layer.crossattention.self
+        d = att.attention_head_size
+        # (R, T, H*D) in row-major order is (B, R/B * T, H, D): one reshape, keyed on the image count.
+        q = _FoldRows.apply(att.query(h), ck, (self.n_heads, d)).transpose(1, 2)
+        ctx = attend(q, ck, cv, d).transpose(1, 2)  # (B, R/B * T, H, D): the order of h's (R, T, H*D) again
+        return layer.crossattention.output(ctx.reshape_as(h), h)
 
     def forward(self, input_ids, beam_idx, *cache):
         past, cross = cache[: 2 * self.n_layers], cache[2 * self.n_layers :]
@@ -110,11 +142,12 @@ class DecoderGraph(nn.Module):
         presents = []
         for i, layer in enumerate(self.layers):
             sa = layer.attention.self
-            k = torch.cat([past[2 * i].index_select(0, beam_idx), split_heads(sa.key(h), self.n_heads)], dim=2)
-            v = torch.cat([past[2 * i + 1].index_select(0, beam_idx), split_heads(sa.value(h), self.n_heads)], dim=2)
+            n, d = self.n_heads, sa.attention_head_size
+            k = torch.cat([past[2 * i].index_select(0, beam_idx), split_heads(sa.key(h), n, d)], dim=2)
+            v = torch.cat([past[2 * i + 1].index_select(0, beam_idx), split_heads(sa.value(h), n, d)], dim=2)
             presents += [k, v]
-            ctx = attend(split_heads(sa.query(h), self.n_heads), k, v, mask)
-            h = layer.attention.output(merge_heads(ctx), h)
+            ctx = attend(split_heads(sa.query(h), n, d), k, v, d, mask)
+            h = layer.attention.output(merge_heads(ctx, n * d), h)
             h = self.cross(layer, h, cross[2 * i], cross[2 * i + 1])
             h = layer.output(layer.intermediate(h), h)
         logits = torch.matmul(self.head.transform(h[:, -1]), self.lm_weight) + self.head.decoder.bias

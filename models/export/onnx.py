@@ -21,6 +21,7 @@ from reefcap.models.engines.onnx_format import (
     DECODER,
     ENCODER,
     FORMAT,
+    GRAPHS,
     INT8_SCHEME,
     INT8_WEIGHT_RANGE,
     MANIFEST,
@@ -39,6 +40,7 @@ __all__ = [
     "DECODER",
     "ENCODER",
     "FORMAT",
+    "GRAPHS",
     "INT8_SCHEME",
     "INT8_WEIGHT_RANGE",
     "MANIFEST",
@@ -145,6 +147,7 @@ def _manifest(resolved: ResolvedModel, blip: Any, experts: Any, precision: str, 
     gen = getattr(blip, "generation_config", None)
     return {
         "format": FORMAT,
+        "graphs": GRAPHS,
         "source": {"name": resolved.name, "path": str(resolved.path), "origin": resolved.origin},
         "weights_version": weights_version(resolved.path),
         "precision": precision,
@@ -226,7 +229,8 @@ def cached_export(model: str | ResolvedModel, precision: str = "fp32") -> Path:
     # The int8 scheme is part of the key: an int8 export cached by an older reefcap (8-bit weights) is not reused.
     tag = f"int8-{INT8_SCHEME}" if precision == "int8" else precision
     target = cache_root() / f"{weights_version(resolved.path)}-{tag}"
-    if is_export(target):
+    if is_export(target) and read_manifest(target, verify=False).get("graphs", 1) >= GRAPHS:
         return target
-    # Absent, or written by a reefcap with another export format (it would refuse to load forever): export anew.
+    # Absent, written by a reefcap with another export format (it would refuse to load forever), or by one with
+    # older, slower graphs: export anew.
     return export_onnx(resolved, target, precision)
