@@ -295,3 +295,42 @@ def test_quality_is_measured_when_asked_and_sampled_otherwise(engines, euvp_imag
         assert metric(text, "reefcap_input_uciqe_score_count") == 3
 
     serve(settings(tmp_path, quality_sample_rate=0.25), pool, scenario)
+
+
+def test_small_uploads_decode_on_the_loop_and_large_ones_on_the_threads(engines, euvp_images, tmp_path):
+    """A handoff to a decoding thread and back costs more CPU than decoding a small photo (INLINE_PIXELS): those
+    decode on the event loop; a request with more pixels, or one measured for quality, uses the threads.
+    Either way the answers, and the errors, are the same."""
+    from reefcap.server.service import INLINE_PIXELS
+
+    pool = ModelPool(engines["varied"], None)
+    small = euvp_images[0].read_bytes()  # 256 x 256
+    assert 256 * 256 <= INLINE_PIXELS < 5 * 256 * 256
+    expected = engines["varied"].caption([small], DecodeOptions.greedy())[0].caption
+    handed = []
+
+    async def scenario(client, app):
+        decoder = app.state.runtime.service.decoder
+        submit = decoder.submit
+        decoder.submit = lambda fn, *args: handed.append(fn.__name__) or submit(fn, *args)
+        r = await client.post("/v1/image-to-text", content=small)  # the first image is measured for /metrics
+        assert r.json() == [{"generated_text": expected}] and handed == ["finish_upload"]
+        for _ in range(3):
+            r = await client.post("/v1/image-to-text", content=small)
+            assert r.json() == [{"generated_text": expected}]
+        r = await client.post("/v1/captions", files=[("images", (f"{i}.jpg", small, "image/jpeg")) for i in range(4)])
+        assert [x["caption"] for x in r.json()["results"]] == [expected] * 4
+        bad = await client.post("/v1/image-to-text", content=small[: len(small) // 2])
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "truncated_image", bad.text
+        assert len(handed) == 1
+        r = await client.post("/v1/captions", files=[("images", (f"{i}.jpg", small, "image/jpeg")) for i in range(5)])
+        assert [x["caption"] for x in r.json()["results"]] == [expected] * 5
+        assert len(handed) == 6
+        bad = await client.post("/v1/captions", files=[("images", (f"{i}.jpg", small[:3000])) for i in range(5)])
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "truncated_image", bad.text
+        asked = await client.post(
+            "/v1/captions", files=[("images", ("a.jpg", small))], data={"options": '{"quality": true}'}
+        )
+        assert asked.json()["results"][0]["quality"]["uiqm"] is not None and len(handed) == 12
+
+    serve(settings(tmp_path, quality_sample_rate=0), pool, scenario)
