@@ -100,6 +100,7 @@ class CaptionService:
         # Images whose request did not ask for quality are measured at this rate, for the Prometheus histograms;
         # starting full, so the first image of a fresh server is measured.
         self._quality_credit = 1.0
+        self._quality_budget, self._quality_refilled = 1.0, time.monotonic()  # the per-second cap's bucket
         self.default_options = DecodeOptions(num_beams=settings.num_beams, max_length=settings.max_length)
         # A model measured slow at start gets smaller batches: one batch of default requests is expected to
         # fit in the configured primary timeout, so no request waits behind a minutes-long batch (smaller
@@ -208,10 +209,20 @@ class CaptionService:
             log.warning("served images of request %s not confirmed written: %s", request_id, exc or type(exc).__name__)
 
     def _sample(self) -> bool:
-        """Whether to measure an image nobody asked the quality of: ``quality_sample_rate`` of them, evenly spread."""
+        """Whether to measure an image nobody asked the quality of: ``quality_sample_rate`` of them, evenly spread,
+        and at most ``quality_samples_per_s`` a second (a token bucket holding one second's worth)."""
         measure = self._quality_credit >= 1.0
         self._quality_credit += self.settings.quality_sample_rate - measure
-        return measure
+        cap = self.settings.quality_samples_per_s
+        if not measure or not cap:
+            return measure
+        now = time.monotonic()
+        self._quality_budget = min(max(cap, 1.0), self._quality_budget + (now - self._quality_refilled) * cap)
+        self._quality_refilled = now
+        if self._quality_budget < 1.0:
+            return False
+        self._quality_budget -= 1.0
+        return True
 
     def _record(self, request_id: str, decoded: list[DecodedUpload], served: list[CaptionResult]) -> Future | None:
         """Queue the served images for feedback (the store writes behind); done when they are committed."""

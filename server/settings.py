@@ -250,13 +250,21 @@ class ServerSettings(BaseSettings):
     warm_up: bool = Field(True, description="caption a warm-up batch at start to measure the primary's cost")
 
     # ---- Performance (issue 16) ----
-    # UIQM/UCIQE cost about 0.9 ms an image, a third of the server's CPU per image on the tiny model.
+    # UIQM/UCIQE cost 0.9-2.7 ms an image (Zen 4 and Zen 2 vCPUs), half to a third of the server's CPU per image
+    # on the tiny model: a sample feeds the histograms, and under load a cap per second bounds what it costs (4 a
+    # second: at most about 1% of a core), since a few hundred measurements a minute already fill them.
     quality_sample_rate: float = Field(
         0.0625,
         ge=0,
         le=1,
         description="fraction of images measured for the `/metrics` UIQM/UCIQE histograms when their request "
         "does not ask (`options.quality`); evenly spread, the first image included",
+    )
+    quality_samples_per_s: float = Field(
+        4.0,
+        ge=0,
+        description="most images a second each server process measures for those histograms unasked, whatever "
+        "the rate gives (0: no cap)",
     )
 
     # ---- Scale-out (issue 24; README "Workers, Ray Serve and PostgreSQL") ----

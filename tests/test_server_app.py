@@ -297,6 +297,41 @@ def test_quality_is_measured_when_asked_and_sampled_otherwise(engines, euvp_imag
     serve(settings(tmp_path, quality_sample_rate=0.25), pool, scenario)
 
 
+@pytest.mark.parametrize("cap", [0.5, 0])
+def test_the_quality_sample_is_capped_per_second(engines, euvp_images, tmp_path, cap):
+    """Under load the sampled measurements stop at quality_samples_per_s (a bucket of one second's worth); a
+    request that asks is always measured; with no cap the rate alone decides."""
+    import time
+
+    pool = ModelPool(engines["varied"], None)
+    data = euvp_images[0].read_bytes()
+
+    async def burst(client, n: int) -> float:
+        start = time.monotonic()
+        for _ in range(n):
+            assert (await client.post("/v1/image-to-text", content=data)).status_code == 200
+        return time.monotonic() - start
+
+    async def capped(client, app):
+        took = await burst(client, 12)
+        measured = metric((await client.get("/metrics")).text, "reefcap_input_uiqm_score_count")
+        assert 1 <= measured <= 2 + took * cap, (measured, took)  # one to start with, then `cap` a second
+        asked = await client.post(
+            "/v1/captions", files=[("images", ("a.jpg", data))], data={"options": '{"quality": true}'}
+        )
+        assert asked.json()["results"][0]["quality"]["uiqm"] is not None
+        assert metric((await client.get("/metrics")).text, "reefcap_input_uiqm_score_count") == measured + 1
+
+    async def uncapped(client, app):
+        await burst(client, 12)
+        assert metric((await client.get("/metrics")).text, "reefcap_input_uiqm_score_count") == 12
+
+    if cap:
+        serve(settings(tmp_path, quality_sample_rate=1.0, quality_samples_per_s=cap), pool, capped)
+    else:
+        serve(settings(tmp_path, quality_sample_rate=1.0, quality_samples_per_s=0), pool, uncapped)
+
+
 def test_small_uploads_decode_on_the_loop_and_large_ones_on_the_threads(engines, euvp_images, tmp_path):
     """A handoff to a decoding thread and back costs more CPU than decoding a small photo (INLINE_PIXELS): those
     decode on the event loop; a request with more pixels, or one measured for quality, uses the threads.
