@@ -1,4 +1,4 @@
-"""`make bench-server`: reefcap against a LitServe peer (``bench_peer``), same checkpoint and images, one run.
+"""`make bench-server`: reefcap against a LitServe peer (:mod:`.peer`), same checkpoint and images, one run.
 
 The servers run at once as subprocesses on 127.0.0.1: reefcap ``serve`` with its defaults (one process),
 reefcap ``serve --workers N`` (``--workers``, 2 by default; 0 leaves it out), and the peer with LitServe's
@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, one round, few requests")
     parser.add_argument("--rounds", type=int, default=2, help="A B rounds per concurrency")
-    parser.add_argument("--requests", type=int, default=8, help="requests per connection (tiny model)")
+    # 16: a row at 32 connections is then 512 requests, a second or two of reefcap (8 made rows under a second,
+    # whose goodput swung with whatever else the machine ran in that second).
+    parser.add_argument("--requests", type=int, default=16, help="requests per connection (tiny model)")
     parser.add_argument("--base", default="blip-base-shape", help="second model: a checkpoint, or 'none'")
     parser.add_argument("--no-tiny", action="store_true", help="measure only the second model")
     parser.add_argument("--base-images", type=int, default=4, help="requests per connection on the second model")
