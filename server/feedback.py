@@ -43,6 +43,12 @@ WITH_REFERENCES = (
     "SELECT s.request_id, s.idx, s.model, s.version, s.caption, s.image, s.ext, s.width, s.height, f.reference, f.id "
     "FROM served s JOIN feedback f ON f.request_id = s.request_id AND f.idx = s.idx ORDER BY f.id"
 )
+# Every reference, in id order, of each served image that got one after a given feedback id.
+CHANGED_IMAGES = (
+    "SELECT s.request_id, s.idx, s.model, s.caption, f.reference FROM served s JOIN feedback f "
+    "ON f.request_id = s.request_id AND f.idx = s.idx WHERE EXISTS (SELECT 1 FROM feedback n WHERE n.id > ? "
+    "AND n.request_id = s.request_id AND n.idx = s.idx) ORDER BY f.id"
+)
 log = logging.getLogger("reefcap.server")
 
 
@@ -274,16 +280,15 @@ class FeedbackStore:
             rows = self.database.execute(sql, (self._seen,))
             if not rows:
                 return
-            self._seen = rows[-1][0]
-            changed = []
-            for key in dict.fromkeys((rid, idx) for _, rid, idx in rows):  # in the order of their first new reference
-                image = self.database.execute(
-                    "SELECT s.model, s.caption, f.reference FROM served s JOIN feedback f ON f.request_id = "
-                    "s.request_id AND f.idx = s.idx WHERE s.request_id = ? AND s.idx = ? ORDER BY f.id",
-                    key,
-                )
-                if image:
-                    changed.append((key, image[0][0], image[0][1], [r for _, _, r in image]))
+            since, self._seen = self._seen, rows[-1][0]
+            # Every reference of the changed images in one query, not one query per image.
+            found: dict[tuple[str, int], tuple[str, str, list[str]]] = {}
+            for rid, idx, model, caption, ref in self.database.execute(CHANGED_IMAGES, (since,)):
+                found.setdefault((rid, idx), (model, caption, []))[2].append(ref)
+            # In the order of their first new reference; an image whose first one committed after the ids above
+            # were read waits for the next look.
+            keys = dict.fromkeys((rid, idx) for _, rid, idx in rows)
+            changed = [(key, *found[key]) for key in keys if key in found]
         for key, model, caption, refs in changed:
             self._models.add(model)
             rolling = self._rolling.get(model)
