@@ -146,6 +146,7 @@ class Supervisor:
         self.status: dict[int, Connection] = {}
         self.ready: set[int] = set()
         self.failures: dict[int, int] = {}
+        self.restart_at: dict[int, float] = {}  # worker index -> when its replacement starts (after a back-off)
         self.stopping = False
 
     def run(self) -> int:
@@ -199,7 +200,8 @@ class Supervisor:
     def _messages(self, timeout: float) -> list[tuple[int, tuple]]:
         """Status messages from the workers (ready / error), waiting at most ``timeout`` for the first."""
         by_conn = {conn: index for index, conn in self.status.items()}
-        sentinels = [p.sentinel for p in self.procs.values()]
+        # A dead worker waiting out its back-off is left out: its sentinel would wake the wait at once, every time.
+        sentinels = [p.sentinel for i, p in self.procs.items() if i not in self.restart_at]
         out = []
         for conn in wait([*by_conn, *sentinels], timeout):
             index = by_conn.get(conn)
@@ -222,7 +224,7 @@ class Supervisor:
             if message[0] == "error":
                 log.error("worker %d could not start again: %s", index, message[1])
         for index, proc in list(self.procs.items()):
-            if proc.is_alive() or self.stopping:
+            if proc.is_alive() or self.stopping or index in self.restart_at:
                 continue
             self._bury(proc)
             failed = index not in self.ready
@@ -232,8 +234,13 @@ class Supervisor:
                 self.stopping = True
                 return
             log.warning("worker %d (pid %d) exited with %s: starting another", index, proc.pid, proc.exitcode)
-            time.sleep(min(30.0, 0.5 * 2 ** self.failures[index]) if failed else 0)
-            self._start(index)
+            # A worker that failed to start waits before its next try; the watch goes on meanwhile (signals, the
+            # other workers), where a sleep here held it up to 30 s.
+            self.restart_at[index] = time.monotonic() + (min(30.0, 0.5 * 2 ** self.failures[index]) if failed else 0)
+        for index, when in list(self.restart_at.items()):
+            if time.monotonic() >= when and not self.stopping:
+                del self.restart_at[index]
+                self._start(index)
 
     def _bury(self, proc: Any) -> None:
         from prometheus_client.multiprocess import mark_process_dead
